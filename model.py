@@ -232,10 +232,6 @@ def _from_dict(cls, d):
     return cls(**kwargs)
 
 
-def _model_sizes(width, depth, heads, dec_width, dec_depth, dec_heads):
-    return dict(width=width, depth=depth, num_heads=heads), dict(width=dec_width, depth=dec_depth, num_heads=dec_heads)
-
-
 def _released_preset(name, width, depth, heads, drop_path_ssl):
     """S/B/L as released (RECIPE §2-4): 256 px, patch 16, f16d64, CLIP text tower, decoder mirrors the encoder."""
     c = Config(preset=name)
@@ -970,7 +966,7 @@ def save_safetensors(tensors, path, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        b = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
         chunks.append(b)
         offset += len(b)
