@@ -1,0 +1,508 @@
+"""
+Every objective of VTP (arXiv 2512.13687), RECIPE §5, each a small function or nn.Module.
+
+  Stage 1:  L = λ_rec·L_rec + λ_ssl·L_ssl + λ_clip·L_clip                      (`vtp_loss`)
+    L_clip  symmetric InfoNCE over the global batch                             (`clip_loss`)
+    L_ssl   = L_dino + L_ibot + koleo_weight·L_koleo                            (`dino_loss`, `ibot_loss`, `koleo_loss`)
+            teacher targets by Sinkhorn-Knopp or EMA centering                  (`sinkhorn_knopp`, `TeacherCentering`)
+    L_rec   = L1 + LPIPS                                                        (`ReconstructionLoss`, `LPIPS`)
+  Stage 2:  decoder-only GAN fine-tune                                          (`PatchDiscriminator`, `hinge_d_loss`,
+            L_rec + gan_weight·w_adaptive·L_adv                                  `gan_generator_loss`)
+
+Distributed convention: every loss is a per-rank value whose mean over ranks is the full-batch loss, so DDP's
+gradient averaging yields exactly the full-batch gradient (see `clip_loss` for the one place where that needs care).
+Every collective goes through the helpers below, which do nothing without a process group.
+
+A stage-1 SSL step reads (shapes per rank; B = SSL images, K = prototypes, crop-major layouts):
+
+    with torch.no_grad():  # teacher on the 2 global crops
+        t_cls = sinkhorn_knopp(teacher_cls_logits, teacher_temp, cfg.sinkhorn_iters)      # (2B, K)
+        t_patch = sinkhorn_knopp(teacher_patch_logits[masks], teacher_temp, ...)          # (M, K)
+    dino = dino_loss(student_global_logits, student_local_logits, t_cls, cfg.student_temp)
+    ibot = ibot_loss(student_patch_logits[masks], t_patch, masks, cfg.student_temp)
+    koleo = koleo_loss(student_global_cls)                                                # pre-head [CLS], (2B, D)
+"""
+
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import print0
+
+# -----------------------------------------------------------------------------
+# Collectives: the only place that talks to torch.distributed. All are no-ops without a process group.
+
+
+def _dist_active():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t):
+    """In-place sum of `t` over all processes (any shape); returns `t`. No-op when world size is 1."""
+    if _dist_active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t):
+    """In-place max of `t` over all processes (any shape); returns `t`. No-op when world size is 1."""
+    if _dist_active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over ranks and returns this rank's slot."""
+
+    @staticmethod
+    def forward(ctx, x, rank, world_size):
+        ctx.rank, ctx.size = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss used every rank's features; the local slot's gradient is the sum over ranks.
+        grad = all_reduce_sum(grad.contiguous().clone())
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size], None, None
+
+
+def all_gather_with_grad(t, rank, world_size):
+    """
+    Gather (B, ...) from every rank into (world_size*B, ...), rank-major, with gradient (RECIPE §5, CLIP).
+    The backward all-reduces the gradient of the gathered tensor and returns this rank's slice, so the local
+    features receive the gradient of every rank's loss. Every rank must pass the same B. world_size 1: returns `t`.
+    """
+    if world_size == 1:
+        return t
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"all_gather_with_grad: world_size={world_size} but no process group is initialized")
+    return _AllGatherWithGrad.apply(t, rank, world_size)
+
+
+@contextmanager
+def _fp32(t):
+    """Disable autocast on `t`'s device: softmax / Sinkhorn-Knopp / KoLeo must run in fp32 (STYLE: AMP)."""
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        yield
+
+
+# -----------------------------------------------------------------------------
+# CLIP (RECIPE §4-5)
+
+
+def clip_loss(image_features, text_features, logit_scale, rank=0, world_size=1):
+    """
+    Symmetric InfoNCE with negatives from the global batch (RECIPE §5, CLIP).
+
+    image_features, text_features: (B, E) L2-normalized local features (the model normalizes them);
+    logit_scale: scalar log-scale parameter (the caller clamps it to [0, ln 100]); logits = exp(logit_scale)·f_I·f_Tᵀ.
+    Returns a scalar: this rank's rows of ½[CE(logits, diag) + CE(logitsᵀ, diag)], where the local sample i has
+    label rank*B + i among the world_size*B gathered candidates.
+
+    Distributed gradients: the mean of this value over ranks is the full-batch loss L. The gather's backward sums
+    the gradient over ranks, so rank r's local features get Σ_r' ∂L_r'/∂f_r = world_size·∂L/∂f_r; DDP then divides
+    the parameter gradients by world_size, which gives exactly the full-batch gradient ∂L/∂θ.
+    """
+    with _fp32(image_features):
+        img, txt = image_features.float(), text_features.float()  # (B, E)
+        all_img = all_gather_with_grad(img, rank, world_size)  # (W*B, E)
+        all_txt = all_gather_with_grad(txt, rank, world_size)  # (W*B, E)
+        scale = logit_scale.float().exp()
+        logits_per_image = scale * img @ all_txt.t()  # (B, W*B): rows of the global logits matrix
+        logits_per_text = scale * txt @ all_img.t()  # (B, W*B): rows of its transpose
+        labels = rank * img.shape[0] + torch.arange(img.shape[0], device=img.device)  # (B,)
+        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+# -----------------------------------------------------------------------------
+# Teacher targets for DINO / iBOT (RECIPE §5, SSL)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3):
+    """
+    Teacher probabilities by Sinkhorn-Knopp over the samples of all processes (RECIPE §5; DINOv2/SwAV).
+
+    teacher_logits: (N, K) logits of this rank's samples ([CLS] of both global crops, or the masked patch tokens);
+    ranks may hold different N (the total is all-reduced). Returns (N, K) fp32: every row sums to 1 and, as the
+    iterations converge, every prototype gets the same total mass N_total/K over the global batch.
+    Assumes bounded logits (the DINO head gives cosines in [-1, 1]), so exp cannot underflow a whole prototype.
+    """
+    with _fp32(teacher_logits):
+        logits = teacher_logits.float()
+        n_total = all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
+        if logits.numel() > 0:
+            local_max = logits.max()
+        else:
+            local_max = torch.tensor(float("-inf"), device=logits.device)
+        # Shift by the global max for stability: a shift common to all ranks cancels in the normalization.
+        q = torch.exp((logits - all_reduce_max(local_max)) / teacher_temp).t()  # (K, N)
+        num_prototypes = q.shape[0]
+        q /= all_reduce_sum(q.sum())
+        for _ in range(n_iters):
+            q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # (K, 1): every prototype gets mass 1/K ...
+            q /= num_prototypes
+            q /= q.sum(dim=0, keepdim=True)  # (1, N): ... every sample mass 1/N_total (local, no collective)
+            q /= n_total
+        return (q * n_total).t()  # (N, K), rows sum to 1
+
+
+class TeacherCentering(nn.Module):
+    """
+    Alternative teacher normalization (RECIPE §5; DINO): p_t = softmax((t − c)/τ_t), then
+    c ← m·c + (1 − m)·mean(t) with the mean over the samples of all processes and m = 0.9.
+    Holds `center` (1, K) as a buffer so it is checkpointed. Use one instance for [CLS] and one for patches.
+    """
+
+    def __init__(self, num_prototypes, momentum=0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+
+    @torch.no_grad()
+    def forward(self, teacher_logits, teacher_temp):
+        """teacher_logits (N, K) -> (N, K) fp32 probabilities with the current centre; then updates the centre."""
+        with _fp32(teacher_logits):
+            logits = teacher_logits.float()
+            probs = F.softmax((logits - self.center) / teacher_temp, dim=-1)  # (N, K)
+            self.update(logits)
+        return probs
+
+    @torch.no_grad()
+    def update(self, teacher_logits):
+        """EMA of the global batch mean of teacher_logits (N, K); a batch with no samples anywhere keeps the centre."""
+        logits = teacher_logits.float()
+        stats = torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])])  # (K + 1,): sums and count
+        stats = all_reduce_sum(stats)  # one collective for both
+        batch_mean, count = stats[:-1].unsqueeze(0), stats[-1]  # (1, K), ()
+        new = self.momentum * self.center + (1 - self.momentum) * batch_mean / count.clamp_min(1)
+        self.center.copy_(torch.where(count > 0, new, self.center))  # no host sync
+
+
+# -----------------------------------------------------------------------------
+# DINO [CLS] loss, iBOT patch loss, KoLeo (RECIPE §5, SSL)
+
+
+def _soft_cross_entropy(teacher_probs, student_logits, student_temp):
+    """−Σ_k p_t log softmax(s/τ_s): (..., K), (..., K) -> (...), in fp32."""
+    log_q = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -(teacher_probs.float() * log_q).sum(dim=-1)
+
+
+def dino_loss(student_global_logits, student_local_logits, teacher_probs, student_temp=0.1):
+    """
+    DINO [CLS] self-distillation loss (RECIPE §5, SSL; DINOv2).
+
+    student_global_logits: (2*B, K) crop-major [crop 0 of all images, then crop 1] (the student sees them masked);
+    student_local_logits: (n_local*B, K) crop-major, or None without local crops;
+    teacher_probs: (2*B, K) crop-major teacher probabilities (`sinkhorn_knopp` or `TeacherCentering`).
+    Cross-entropy over every (student crop, teacher global crop) pair except a global crop with itself, so the
+    teacher targets are swapped between the two global crops; each pair is averaged over the B images and the
+    result averaged over the 2 + 2·n_local pairs. Returns a scalar (fp32).
+    """
+    with _fp32(student_global_logits):
+        B, K = teacher_probs.shape[0] // 2, teacher_probs.shape[1]
+        t = teacher_probs.float().reshape(2, B, K)  # (2, B, K)
+        s_global = student_global_logits.reshape(2, B, K)  # (2, B, K)
+        # student global crop i against teacher crop 1 - i
+        total = _soft_cross_entropy(t.flip(0), s_global, student_temp).mean(dim=1).sum()
+        n_pairs = 2
+        if student_local_logits is not None:
+            s_local = student_local_logits.reshape(-1, B, K)  # (n_local, B, K)
+            # each local crop against both teacher crops: Σ_j CE(t_j, s) = CE(t_0 + t_1, s)
+            total = total + _soft_cross_entropy(t.sum(0), s_local, student_temp).mean(dim=1).sum()
+            n_pairs += 2 * s_local.shape[0]
+        return total / n_pairs
+
+
+def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1):
+    """
+    iBOT masked-patch loss (RECIPE §5, SSL; iBOT/DINOv2).
+
+    student_patch_logits: (M, K) student head on the masked patch tokens, M = masks.sum();
+    teacher_patch_probs: (M, K) teacher probabilities of the same tokens (teacher sees the unmasked crops);
+    masks: (2*B, N) bool, True = masked. Both token lists are in `x[masks]` order (image-major, then patch index),
+    which is what `tokens[masks]` on (2*B, N, D) tokens gives.
+    The cross-entropy is averaged over the masked patches of each image, then over the images that have any masked
+    patch (DINOv2 instead divides by all 2*B crops, i.e. scales the loss by the masked fraction). Unlike DINO the
+    student and teacher see the same crop. Returns a scalar (fp32); 0 (with a graph) when nothing is masked.
+    """
+    with _fp32(student_patch_logits):
+        n_masked = masks.sum(dim=-1)  # (2B,)
+        token_weight = (1.0 / n_masked.clamp_min(1).float()).unsqueeze(-1).expand_as(masks)[masks]  # (M,)
+        n_images = (n_masked > 0).sum().clamp_min(1)
+        ce = _soft_cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)  # (M,)
+        return (ce * token_weight).sum() / n_images
+
+
+def koleo_loss(cls_features, n_crops=2, eps=1e-8):
+    """
+    KoLeo regularizer (RECIPE §5, SSL; DINOv2): −mean_i log(min_{j≠i} ‖x_i − x_j‖ + eps) on L2-normalized features,
+    computed within each crop separately and averaged over crops.
+
+    cls_features: (n_crops*B, D) crop-major pre-head student [CLS] of the global crops (B >= 2); normalized here.
+    Runs in fp32. Returns a scalar.
+    """
+    with _fp32(cls_features):
+        x = cls_features.float()
+        x = F.normalize(x.reshape(n_crops, -1, x.shape[-1]), dim=-1, eps=eps)  # (n_crops, B, D)
+        with torch.no_grad():  # nearest neighbour = largest cosine among the others
+            sim = x @ x.transpose(1, 2)  # (n_crops, B, B)
+            sim.diagonal(dim1=1, dim2=2).fill_(-3.0)  # below any cosine: never pick yourself
+            nn_idx = sim.argmax(dim=-1)  # (n_crops, B)
+        neighbours = torch.gather(x, 1, nn_idx.unsqueeze(-1).expand_as(x))  # (n_crops, B, D)
+        dist_nn = torch.linalg.vector_norm(x - neighbours, dim=-1)  # (n_crops, B); grad 0 at distance 0
+        return -torch.log(dist_nn + eps).mean()
+
+
+# -----------------------------------------------------------------------------
+# Reconstruction: L1 + LPIPS (RECIPE §5). LPIPS written from its definition; weights come from user files.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS scaling layer, applied to images in [-1, 1]
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+# VGG16 convolutions up to relu5_3; "M" = 2x2 max-pool. Indices in `features` then match torchvision's vgg16.
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+
+
+class _LinearHead(nn.Module):
+    """LPIPS 1x1 head of one stage: Dropout then Conv2d(C, 1, 1, bias=False); keys `model.1.weight` (1, C, 1, 1)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class LPIPS(nn.Module):
+    """
+    LPIPS v0.1 with a VGG16 trunk (RECIPE §5, reconstruction), frozen and always in eval mode.
+
+    forward(x, y): x, y (B, 3, H, W) in [-1, 1] -> (B,) distances. Per stage s of relu{1_2,2_2,3_3,4_3,5_3}:
+    unit-normalize the features over channels (eps 1e-10), square the difference, weight channels with the 1x1
+    head lin{s}, average over space; sum over stages. Gradients flow to the images, never to the weights.
+    State-dict keys: `features.N.{weight,bias}` (torchvision vgg16 indices) and `lin{s}.model.1.weight`.
+    """
+
+    def __init__(self, eps=1e-10):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        layers, in_ch = [], 3
+        for v in VGG16_LAYERS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU()]
+                in_ch = v
+        self.features = nn.Sequential(*layers)
+        for i, c in enumerate(LPIPS_CHANNELS):
+            setattr(self, f"lin{i}", _LinearHead(c))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        """Always eval: the heads' Dropout must stay off even when a parent module is put in train mode."""
+        return super().train(False)
+
+    def load_weights(self, vgg_path, lin_path):
+        """Load ImageNet VGG16 (`vgg16-397923af.pth` layout; classifier keys ignored) and the LPIPS v0.1 heads."""
+        vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
+        self.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
+        lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+        for i in range(len(LPIPS_CHANNELS)):
+            key = f"lin{i}.model.1.weight"
+            if key not in lin:
+                raise KeyError(f"{lin_path}: missing LPIPS head {key!r} (expected the LPIPS v0.1 vgg.pth layout)")
+            getattr(self, f"lin{i}").load_state_dict({"model.1.weight": lin[key]})
+        return self
+
+    def _normalize(self, f):
+        """Unit length over channels: (B, C, h, w) -> (B, C, h, w). Clamp keeps the sqrt gradient finite at 0."""
+        f = f.float()
+        return f / (f.pow(2).sum(dim=1, keepdim=True).clamp_min(self.eps ** 2).sqrt() + self.eps)
+
+    def forward(self, x, y):
+        h = torch.cat([x, y], dim=0)  # one trunk pass for both: (2B, 3, H, W)
+        h = (h - self.shift) / self.scale
+        dist_total = 0.0
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in VGG16_TAPS:
+                s = VGG16_TAPS.index(i)
+                with _fp32(h):
+                    fx, fy = self._normalize(h).chunk(2, dim=0)  # (B, C, h, w) each
+                    d = getattr(self, f"lin{s}")((fx - fy).pow(2))  # (B, 1, h, w)
+                dist_total = dist_total + d.mean(dim=(1, 2, 3))  # (B,)
+        return dist_total
+
+
+def imagenet_to_unit(x):
+    """ImageNet-normalized images (B, 3, H, W) -> the same images in [-1, 1] (denormalize, then 2x - 1)."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x * std + mean) * 2 - 1
+
+
+class ReconstructionLoss(nn.Module):
+    """
+    L_rec = l1_weight·L1 + lpips_weight·LPIPS (RECIPE §5, reconstruction).
+
+    forward(recon, target): both (B, 3, H, W) ImageNet-normalized (the decoder's output space). L1 is the mean
+    absolute error in that space; LPIPS runs on the images mapped to [-1, 1] and is averaged over the batch.
+    Returns {"l1", "lpips", "total"} scalars (fp32). LPIPS needs both weight files (LossConfig.lpips_vgg_path and
+    lpips_lin_path); without them the perceptual term is 0 and one log line says so. Move the module to the device.
+    """
+
+    def __init__(self, l1_weight=1.0, lpips_weight=1.0, vgg_path="", lin_path=""):
+        super().__init__()
+        self.l1_weight, self.lpips_weight = l1_weight, lpips_weight
+        self.lpips = None
+        if lpips_weight == 0:
+            print0("LPIPS disabled: loss.lpips_weight=0; reconstruction uses L1 only")
+        elif not vgg_path and not lin_path:
+            print0("LPIPS disabled: no VGG16 weights given (--loss.lpips_vgg_path, --loss.lpips_lin_path); "
+                   "reconstruction uses L1 only")
+        else:
+            for key, path in (("loss.lpips_vgg_path", vgg_path), ("loss.lpips_lin_path", lin_path)):
+                if not path:
+                    raise ValueError(f"LPIPS needs both weight files: --{key} is empty")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"--{key}={path}: file not found")
+            self.lpips = LPIPS().load_weights(vgg_path, lin_path)
+
+    def forward(self, recon, target):
+        l1 = (recon.float() - target.float()).abs().mean()
+        if self.lpips is None:
+            lpips = l1.new_zeros(())
+        else:
+            lpips = self.lpips(imagenet_to_unit(recon), imagenet_to_unit(target)).mean()
+        return {"l1": l1, "lpips": lpips, "total": self.l1_weight * l1 + self.lpips_weight * lpips}
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: PatchGAN discriminator, hinge losses, adaptive weight (RECIPE §5, Stage-2 GAN)
+
+
+class PatchDiscriminator(nn.Module):
+    """
+    PatchGAN (pix2pix NLayerDiscriminator shape; RECIPE §5 Stage-2 GAN): (B, 3, H, W) -> (B, 1, h, w) patch logits.
+
+    conv4x4 s2 + LeakyReLU(0.2); then n_layers − 1 × [conv4x4 s2 + norm + LeakyReLU], doubling channels (cap 8×);
+    one conv4x4 s1 + norm + LeakyReLU; a final conv4x4 s1 to 1 channel. n_layers strided convs in all.
+    Norm is GroupNorm(32) rather than BatchNorm [ours]: no running statistics, no cross-rank sync needed under DDP,
+    and identical behaviour on real and fake batches fed separately. 256 px input -> 30x30 patch logits.
+    """
+
+    def __init__(self, in_channels=3, channels=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # the last of these keeps the resolution
+            layers += [nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                       nn.GroupNorm(math.gcd(32, channels * mult), channels * mult), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # DCGAN init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss ½[mean relu(1 − D(x)) + mean relu(1 + D(x̂))]; logits any shape -> scalar."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def hinge_g_loss(logits_fake):
+    """Generator hinge loss −mean D(x̂); logits any shape -> scalar."""
+    return -logits_fake.float().mean()
+
+
+def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight, max_weight=1e4):
+    """
+    ‖∇_w L_rec‖ / (‖∇_w L_adv‖ + 1e-4) at the decoder's last layer weight w, clamped to [0, max_weight] and
+    detached (RECIPE §5 Stage-2 GAN; VQGAN). Uses autograd.grad with retain_graph, so .backward() can follow.
+    """
+    g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
+    weight = g_rec.float().norm() / (g_adv.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def gan_generator_loss(rec_loss, logits_fake, last_layer_weight, step, gan_weight=0.5, gan_start=0,
+                       max_adaptive=1e4):
+    """
+    Stage-2 decoder objective (RECIPE §5): rec_loss + [step >= gan_start]·gan_weight·w_adaptive·hinge_g(D(x̂)).
+
+    rec_loss: scalar L_rec (ReconstructionLoss "total"); logits_fake: discriminator output on the reconstruction
+    (may be None before gan_start); last_layer_weight: the decoder's final layer weight (its conv/linear `.weight`).
+    Returns {"gan", "adaptive_weight", "total"}; before gan_start "gan" and "adaptive_weight" are 0.
+    """
+    if step < gan_start or logits_fake is None:
+        zero = rec_loss.new_zeros(())
+        return {"gan": zero, "adaptive_weight": zero, "total": rec_loss}
+    gan = hinge_g_loss(logits_fake)
+    w = adaptive_gan_weight(rec_loss, gan, last_layer_weight, max_adaptive)
+    return {"gan": gan, "adaptive_weight": w, "total": rec_loss + gan_weight * w * gan}
+
+
+# -----------------------------------------------------------------------------
+# Stage-1 total (RECIPE §1, §5)
+
+
+def vtp_loss(loss_cfg, rec=None, clip=None, dino=None, ibot=None, koleo=None):
+    """
+    L = λ_rec·L_rec + λ_ssl·L_ssl + λ_clip·L_clip with L_ssl = L_dino + L_ibot + koleo_weight·L_koleo (RECIPE §1, §5).
+
+    loss_cfg: LossConfig (lambda_rec, lambda_ssl, lambda_clip, koleo_weight). rec: ReconstructionLoss's dict
+    (or a scalar); clip, dino, ibot, koleo: scalars. A term whose λ is 0 is not needed (pass None; a given one is
+    ignored), which gives the paper's ablations; a term whose λ is > 0 must be given.
+    Returns {"total"} plus the terms used: "rec" (and "l1", "lpips"), "clip", "dino", "ibot", "koleo", "ssl".
+    """
+    def need(term, name, lam):
+        if term is None:
+            raise ValueError(f"vtp_loss: loss.{lam} > 0 but no {name} loss was given")
+        return term
+
+    out, total = {}, 0.0
+    if loss_cfg.lambda_rec > 0:
+        rec = need(rec, "reconstruction", "lambda_rec")
+        if isinstance(rec, dict):
+            out.update(l1=rec["l1"], lpips=rec["lpips"])
+            rec = rec["total"]
+        out["rec"] = rec
+        total = total + loss_cfg.lambda_rec * rec
+    if loss_cfg.lambda_ssl > 0:
+        out["dino"] = need(dino, "DINO", "lambda_ssl")
+        out["ibot"] = need(ibot, "iBOT", "lambda_ssl")
+        out["koleo"] = need(koleo, "KoLeo", "lambda_ssl")
+        out["ssl"] = out["dino"] + out["ibot"] + loss_cfg.koleo_weight * out["koleo"]
+        total = total + loss_cfg.lambda_ssl * out["ssl"]
+    if loss_cfg.lambda_clip > 0:
+        out["clip"] = need(clip, "CLIP", "lambda_clip")
+        total = total + loss_cfg.lambda_clip * out["clip"]
+    out["total"] = total
+    return out
