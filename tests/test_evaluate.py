@@ -1,0 +1,304 @@
+"""Tests of evaluate.py: hand-worked metric values, the FID Inception layout, the probes, and every subcommand."""
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import evaluate as ev
+
+# -----------------------------------------------------------------------------
+# Fréchet distance, statistics, Inception Score
+
+
+def _random_cov(d, seed):
+    a = np.random.default_rng(seed).normal(size=(d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_frechet_identical_is_zero():
+    mu, sigma = np.arange(6, dtype=np.float64), _random_cov(6, 0)
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 2.0, size=5), rng.uniform(0.1, 2.0, size=5)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    got = ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_frechet_same_covariance_is_mean_distance_and_symmetric():
+    rng = np.random.default_rng(2)
+    mu1, mu2, s1, s2 = rng.normal(size=4), rng.normal(size=4), _random_cov(4, 3), _random_cov(4, 4)
+    assert ev.frechet_distance(mu1, s1, mu2, s1) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-7)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ev.frechet_distance(mu2, s2, mu1, s1), rel=1e-7)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) > 0
+
+
+def test_frechet_singular_covariances_are_finite():
+    # 3 samples in 8 dimensions: rank-deficient covariances, the case the eps*I retry exists for.
+    rng = np.random.default_rng(5)
+    m1, s1 = ev.feature_statistics(rng.normal(size=(3, 8)))
+    m2, s2 = ev.feature_statistics(rng.normal(size=(3, 8)) + 1.0)
+    d = ev.frechet_distance(m1, s1, m2, s2)
+    assert np.isfinite(d) and d > 0
+
+
+def test_statistics_round_trip(tmp_path):
+    feats = torch.randn(50, 7)
+    mu, sigma = ev.feature_statistics(feats)
+    assert mu.dtype == np.float64 and sigma.shape == (7, 7)
+    np.testing.assert_allclose(sigma, np.cov(feats.double().numpy(), rowvar=False))
+    path = str(tmp_path / "stats.npz")
+    ev.save_statistics(path, mu, sigma, space="test")
+    mu2, sigma2 = ev.load_statistics(path)
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+
+
+def test_inception_score_known_values():
+    # Uniform predictions: p(y|x) = p(y), KL = 0, IS = 1.
+    assert ev.inception_score(torch.zeros(20, 1008), splits=2)[0] == pytest.approx(1.0)
+    # Confident predictions spread evenly over 10 classes: IS = 10.
+    logits = torch.full((40, 1008), -1e4)
+    logits[torch.arange(40), torch.arange(40) % 10] = 0.0
+    assert ev.inception_score(logits, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# FID Inception-v3: layout of pt_inception-2015-12-05-6726825d.pth, forward, strict loading
+
+INCEPTION_SHAPES = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_1a_3x3.bn.running_mean": (32,),
+    "Conv2d_2a_3x3.conv.weight": (32, 32, 3, 3),
+    "Conv2d_2b_3x3.bn.weight": (64,),
+    "Conv2d_3b_1x1.conv.weight": (80, 64, 1, 1),
+    "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+    "Mixed_5b.branch5x5_2.conv.weight": (64, 48, 5, 5),
+    "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+    "Mixed_5c.branch_pool.conv.weight": (64, 256, 1, 1),
+    "Mixed_5d.branch3x3dbl_3.bn.running_var": (96,),
+    "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+    "Mixed_6a.branch3x3dbl_3.conv.weight": (96, 96, 3, 3),
+    "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+    "Mixed_6b.branch7x7_3.conv.weight": (192, 128, 7, 1),
+    "Mixed_6c.branch7x7dbl_1.conv.weight": (160, 768, 1, 1),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+    "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+    "Mixed_7b.branch1x1.conv.weight": (320, 1280, 1, 1),
+    "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1),
+    "Mixed_7b.branch3x3_2a.conv.weight": (384, 384, 1, 3),
+    "Mixed_7c.branch3x3_2b.conv.weight": (384, 384, 3, 1),
+    "Mixed_7c.branch3x3dbl_3b.bn.bias": (384,),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
+}
+
+
+@pytest.fixture(scope="module")
+def inception():
+    torch.manual_seed(0)
+    return ev.FIDInceptionV3().eval()
+
+
+def test_inception_layout_matches_the_fid_weights_file(inception):
+    sd = inception.state_dict()
+    for name, shape in INCEPTION_SHAPES.items():
+        assert tuple(sd[name].shape) == shape, name
+    assert not any("AuxLogits" in k for k in sd)  # the FID network has no auxiliary head
+    assert sum(p.numel() for p in inception.parameters()) == 23_850_960
+    # parameters + BatchNorm running means and variances: every float tensor of the weights file
+    assert sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked")) == 23_885_392
+    bns = [m for m in inception.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 94 and all(m.eps == 0.001 for m in bns)
+
+
+def test_inception_fid_pooling_variants(inception):
+    # Average pools exclude the padding: a constant image stays constant at the border.
+    ones = torch.ones(1, 2, 5, 5)
+    assert torch.allclose(ev._avg_pool_no_pad(ones), ones)
+    # Mixed_7b's pool branch averages, Mixed_7c's takes the max (the FID variants E_1 and E_2).
+    x = torch.randn(1, 2048, 8, 8)
+    with torch.no_grad():
+        out = inception.Mixed_7c(x)[:, -192:]
+        want = inception.Mixed_7c.branch_pool(F.max_pool2d(x, 3, stride=1, padding=1))
+        assert torch.allclose(out, want, atol=1e-5)
+        x = torch.randn(1, 1280, 8, 8)
+        out = inception.Mixed_7b(x)[:, -192:]
+        want = inception.Mixed_7b.branch_pool(ev._avg_pool_no_pad(x))
+        assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_inception_forward_is_2048d(inception):
+    with torch.no_grad():
+        pool, logits = inception(torch.rand(2, 3, 299, 299))
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert torch.isfinite(pool).all() and (pool >= 0).all()  # pool3 follows a ReLU
+    assert torch.allclose(logits, pool @ inception.fc.weight.t(), atol=1e-4)
+
+
+def test_inception_strict_loading(tmp_path, inception):
+    # Mimic the converted TF file: same names, no num_batches_tracked counters.
+    sd = {k: v.clone() for k, v in inception.state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd["Mixed_6b.branch7x7_2.conv.weight"].fill_(0.5)
+    path = str(tmp_path / "pt_inception.pth")
+    torch.save(sd, path)
+    net = ev.load_fid_inception(path)
+    assert not net.training
+    assert (net.state_dict()["Mixed_6b.branch7x7_2.conv.weight"] == 0.5).all()
+    del sd["fc.bias"]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="fc.bias"):
+        ev.load_fid_inception(path)
+
+
+# -----------------------------------------------------------------------------
+# PSNR / SSIM
+
+
+def test_psnr_identical_and_known_noise():
+    x = torch.full((2, 3, 16, 16), 128 / 255)
+    assert torch.isinf(ev.psnr(x, x)).all()
+    sign = torch.where(torch.rand(2, 3, 16, 16) < 0.5, -1.0, 1.0)
+    y = x + sign * 10 / 255  # every pixel off by 10 levels: MSE = (10/255)^2
+    expected = 20 * math.log10(255 / 10)
+    assert torch.allclose(ev.psnr(x, ev.quantize(y)), torch.full((2,), expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_ssim_identical_constant_and_noise():
+    x = torch.rand(2, 3, 24, 24)
+    assert torch.allclose(ev.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    # Constant images: no variance, SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b, c1 = 0.3, 0.6, 0.01 ** 2
+    s = ev.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
+    assert s.item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert (ev.ssim(x, noisy) < 0.9).all()
+
+
+def test_gaussian_window():
+    w = ev.gaussian_window(11, 1.5)
+    assert w.shape == (11, 11) and w.sum().item() == pytest.approx(1.0)
+    assert w[5, 5] == w.max() and w[5, 4] / w[5, 5] == pytest.approx(math.exp(-1 / (2 * 1.5 ** 2)))
+
+
+# -----------------------------------------------------------------------------
+# Zero-shot, linear probe, k-NN
+
+
+class _FakeTokenizer:
+    """Token 0 = index of the class name in the prompt, token 1 = index of the template."""
+
+    def __init__(self, names, templates):
+        self.names, self.templates = names, templates
+
+    def __call__(self, texts):
+        rows = []
+        for t in texts:
+            c = next(i for i, n in enumerate(self.names) if n in t)
+            k = next(i for i, tpl in enumerate(self.templates) if tpl.format(self.names[c]) == t)
+            rows.append([c, k])
+        return torch.tensor(rows)
+
+
+class _FakeCLIP:
+    """text feature of (class c, template k) = normalize(e_c + (-1)^k e_3); image features are the inputs."""
+
+    def text_features(self, tokens, normalize=True):
+        f = F.one_hot(tokens[:, 0], 4).float()
+        f[:, 3] = torch.where(tokens[:, 1] % 2 == 0, 1.0, -1.0)
+        return F.normalize(f, dim=-1)
+
+    def image_features(self, images, normalize=True):
+        return F.normalize(images, dim=-1)
+
+
+def test_zero_shot_classifier_averages_templates_and_renormalizes():
+    names, templates = ["circle", "square", "triangle"], ["a {}.", "a {} shape.", "a drawing of a {}.", "a big {}."]
+    w = ev.zero_shot_classifier(_FakeCLIP(), _FakeTokenizer(names, templates), names, templates)
+    # The template directions cancel in the mean; after renormalization each class weight is e_c exactly.
+    assert torch.allclose(w, torch.eye(4)[:, :3], atol=1e-6)
+    images = torch.tensor([[0.1, 0.9, 0.0, 0.3], [0.0, 0.2, 0.8, -0.5], [0.9, 0.5, 0.4, 0.0]])
+    logits = _FakeCLIP().image_features(images) @ w
+    acc = ev.topk_accuracy(logits, torch.tensor([1, 2, 1]), ks=(1, 2))
+    assert acc["top1"] == pytest.approx(200 / 3) and acc["top2"] == pytest.approx(100.0)
+
+
+def test_templates():
+    assert len(ev.CLIP_TEMPLATES) == 80 and len(set(ev.CLIP_TEMPLATES)) == 80
+    assert all(t.count("{}") == 1 for t in ev.CLIP_TEMPLATES + ev.SIMPLE_TEMPLATES)
+
+
+def _blobs(n_per_class, num_classes, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123)) * 4
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centers[y] + torch.randn(len(y), dim, generator=g), y
+
+
+def test_linear_probe_separable_features():
+    tx, ty = _blobs(40, 4, 16, 0)
+    vx, vy = _blobs(10, 4, 16, 1)
+    res = ev.linear_probe(tx, ty, vx, vy, 4, lrs=(0.01, 0.1), epochs=20, batch_size=32)
+    assert res["top1"] == 100.0 and res["best_lr"] in (0.01, 0.1)
+    assert set(res["per_lr"]) == {"0.01", "0.1"}
+
+
+def test_linear_probe_picks_the_working_learning_rate():
+    tx, ty = _blobs(40, 4, 16, 0)
+    vx, vy = _blobs(10, 4, 16, 1)
+    res = ev.linear_probe(tx, ty, vx, vy, 4, lrs=(0.0, 0.1), epochs=10, batch_size=32)
+    assert res["per_lr"]["0.0"] < 100.0  # an untrained (zero) head ties every class
+    assert res["best_lr"] == 0.1 and res["per_lr"]["0.1"] == 100.0
+
+
+def test_knn_is_similarity_weighted():
+    # Three neighbours of class 0 at cosine 0.5, one of class 1 at cosine 1: majority says 0, DINO weighting says 1.
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    c = math.cos(math.pi / 3)
+    s = math.sin(math.pi / 3)
+    train = torch.tensor([[1.0, 0.0, 0.0], [c, s, 0.0], [c, -s, 0.0], [c, 0.0, s], [-1.0, 0.0, 0.0]])
+    labels = torch.tensor([1, 0, 0, 0, 2])
+    votes = ev.knn_classify(train, labels, q, 3, k=4)
+    assert votes.argmax().item() == 1
+    assert votes[0, 2] == 0  # the 5th point is not among the k = 4 neighbours
+    assert votes[0, 0].item() == pytest.approx(3 * math.exp(0.5 / 0.07), rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# gather_cat: no-op in one process, ordered concatenation across two gloo processes
+
+
+def test_gather_cat_single_process_is_identity():
+    x = torch.randn(3, 2)
+    assert ev.gather_cat(x) is x
+
+
+def _gather_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x = torch.full((rank + 1, 2), float(rank))  # rank 0 has 1 row, rank 1 has 2
+    out[rank] = ev.gather_cat(x).tolist()
+    dist.destroy_process_group()
+
+
+def test_gather_cat_two_processes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(2, port, out), nprocs=2)
+    assert out[0] == out[1] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
