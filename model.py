@@ -169,7 +169,7 @@ class DiTConfig:
     lr: float = 2e-4  # AdamW lr (constant)
     betas: tuple = (0.9, 0.95)  # AdamW betas
     weight_decay: float = 0.0  # AdamW weight decay
-    ema_decay: float = 0.9999  # EMA of the DiT weights
+    ema_decay: float = 0.0  # EMA of the DiT weights; 0 = the preset's (0.9999 as in the paper; 0.999 for tiny)
     t_mu: float = -0.5  # logit-normal timestep mean (-0.75 for L)
     t_sigma: float = 1.25  # logit-normal timestep std (1.0 for L)
     cos_weight: float = 1.0  # weight of the cosine term of the flow-matching loss
@@ -183,6 +183,18 @@ class DiTConfig:
     log_every: int = 20  # steps between log lines
     ckpt_every: int = 500  # steps between checkpoints
     sample_every: int = 500  # steps between sample grids
+    grad_clip: float = 1.0  # max global gradient norm (0 = off) [ours]
+    keep_ckpts: int = 2  # newest ckpt_*.pt kept in out_dir (0 = all)
+    shard_size: int = 10000  # images per latent-cache shard file
+    grid_classes: int = 8  # sample grids: classes shown (spread over all classes), one row each
+    grid_per_class: int = 4  # sample grids: samples per class
+    seed: int = 0  # seed of every torch.Generator (with rank and step)
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
+    compile: bool = False  # torch.compile the training module
+    ckpt: str = ""  # sample: DiT checkpoint file or folder (empty = latest in out_dir)
+    num_samples: int = 64  # sample: images to generate
+    sample_out: str = ""  # sample: folder for the PNGs and samples.npz (empty = out_dir/samples)
 
 
 @dataclass
@@ -271,6 +283,8 @@ CHOICES = {
     "dit.model": ("tiny", "S", "B", "L", "XL"),
     "dit.patch_size": (1, 2),
     "dit.sampler": ("euler", "heun"),
+    "dit.device": ("auto", "cpu", "cuda"),
+    "dit.amp": ("auto", "bf16", "fp16", "fp32"),
 }
 
 
