@@ -205,6 +205,21 @@ class EvalConfig:
     num_images: int = 1000  # images for zero-shot / probe / recon / reference statistics
     num_gen: int = 1000  # generated samples for gFID / FD_vtp
     knn_k: int = 20  # k of the k-NN classifier
+    knn_temperature: float = 0.07  # k-NN votes are weighted by exp(cosine / T) (DINO)
+    ckpt: str = ""  # tokenizer: checkpoint file, run folder (latest ckpt_*.pt) or released folder (--ckpt)
+    dit_ckpt: str = ""  # gen: DiT checkpoint file or folder (--dit_ckpt); `all` skips gen without it or gen_npz
+    gen_npz: str = ""  # gen: .npz of generated uint8 images (N, H, W, 3) under arr_0 or images, used instead of sampling
+    gen_steps: int = 0  # gen: ODE steps when sampling; 0 = the DiT checkpoint's dit.num_sample_steps
+    seed: int = 0  # gen: sampling seed
+    ref_stats: str = ""  # gen: reference statistics .npz; empty = cached next to eval.out
+    class_names: str = ""  # zero-shot: text file, one class name per line in label order; empty = the dataset's
+    templates: str = "auto"  # zero-shot prompts: auto (simple for builtin, CLIP's 80 otherwise) | clip | simple
+    probe_features: str = "cls_patch"  # probe: cls_patch (normed [CLS] of last blocks + mean patch) | latent (pooled)
+    probe_blocks: int = 1  # probe: number of last blocks whose [CLS] is concatenated (1 or 4)
+    probe_lrs: tuple = (0.001, 0.01, 0.1, 1.0)  # probe: learning-rate grid (best on val is reported)
+    probe_epochs: int = 100  # probe: epochs over the cached features
+    probe_batch_size: int = 256  # probe: mini-batch size
+    recon_grid: int = 8  # recon: image pairs in the side-by-side PNG
 
 
 @dataclass
