@@ -208,7 +208,7 @@ class EvalConfig:
     knn_temperature: float = 0.07  # k-NN votes are weighted by exp(cosine / T) (DINO)
     ckpt: str = ""  # tokenizer: checkpoint file, run folder (latest ckpt_*.pt) or released folder (--ckpt)
     dit_ckpt: str = ""  # gen: DiT checkpoint file or folder (--dit_ckpt); `all` skips gen without it or gen_npz
-    gen_npz: str = ""  # gen: .npz of generated uint8 images (N, H, W, 3) under arr_0 or images, used instead of sampling
+    gen_npz: str = ""  # gen: .npz of uint8 images (N, H, W, 3) under arr_0 or images, evaluated instead of sampling
     gen_steps: int = 0  # gen: ODE steps when sampling; 0 = the DiT checkpoint's dit.num_sample_steps
     seed: int = 0  # gen: sampling seed
     ref_stats: str = ""  # gen: reference statistics .npz; empty = cached next to eval.out
