@@ -21,10 +21,14 @@ The file reads top to bottom: FID Inception-v3 -> Fréchet distance / Inception 
 -> linear probe / k-NN -> the four subcommands -> the CLI.
 """
 
+import copy
+import hashlib
 import json
 import os
+import re
 import sys
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import scipy.linalg
@@ -32,7 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
+
+from model import (Config, ConfigError, cleanup_distributed, latest_checkpoint, load_vtp, parse_config, print0,
+                   set_config_value, setup_distributed, validate_config)
 
 # -----------------------------------------------------------------------------
 # Prompt templates for zero-shot classification.
@@ -500,3 +508,444 @@ def knn_classify(train_x, train_y, val_x, num_classes, k=20, temperature=0.07, c
 def _not_rank0():
     """True on ranks other than 0 (used to silence their progress bars)."""
     return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+# -----------------------------------------------------------------------------
+# Feature extraction (frozen models; features cached in memory and gathered across ranks).
+
+
+class FDFeatures:
+    """
+    The feature space of a Fréchet distance. With Inception weights: the 2048-d pool3 of FIDInceptionV3 (FID)
+    and its 1008 logits (Inception Score). Without: a VTP tokenizer's normed [CLS] concatenated with its mean
+    patch token (FD_vtp; no Inception Score). Both run in fp32.
+    __call__(images (B, 3, H, W) in [0, 1]) -> (features (B, F), logits (B, 1008) or None), float32.
+    """
+
+    def __init__(self, inception=None, vtp=None, space=""):
+        self.inception, self.vtp, self.space = inception, vtp, space
+        self.name = "FID" if inception is not None else "FD_vtp"  # never call FD_vtp "FID"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if self.inception is not None:
+            pool, logits = self.inception(images.float())
+            return pool.float(), logits.float()
+        from data import normalize
+
+        f = self.vtp.features(normalize(images.float()))
+        return torch.cat([f["cls"], f["patches"].mean(dim=1)], dim=1).float(), None  # (B, 2D)
+
+
+@torch.no_grad()
+def probe_features(model, images, kind="cls_patch", n_blocks=1):
+    """
+    Frozen features for the linear probe / k-NN (RECIPE §8). `cls_patch`: the normed [CLS] of each of the last
+    n_blocks blocks and the mean patch token of the last block, concatenated -> (B, (n_blocks + 1) D).
+    `latent`: the bottleneck latent averaged over positions -> (B, latent_dim) (the paper's scaling plots).
+    """
+    if kind == "latent":
+        return model.encode(images).float().mean(dim=(2, 3))  # (B, latent_dim)
+    layers = model.intermediate_layers(images, n_blocks)
+    parts = [layer["cls"] for layer in layers] + [layers[-1]["patches"].mean(dim=1)]
+    return torch.cat(parts, dim=1).float()  # (B, (n_blocks + 1) D)
+
+
+def _amp(cfg, device):
+    """Autocast for the tokenizer forwards: train.amp, where "auto" is bf16 on CUDA and fp32 on CPU."""
+    amp = cfg.train.amp
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "auto" and device.type == "cuda":
+        dtype = torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Shared state of one evaluation run.
+
+
+class Evaluator:
+    """
+    What the subcommands share: the CLI config, the explicit `--key=value` overrides, rank / world size / device,
+    and the models, each loaded once on first use (VTP tokenizer, FID Inception, LPIPS).
+    """
+
+    def __init__(self, cli, overrides, rank=0, world_size=1, device=torch.device("cpu")):
+        self.cli, self.overrides = cli, overrides
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self._vtp, self._inception, self._lpips = None, None, False
+
+    def merge(self, base):
+        """The evaluation config: `base` (a checkpoint's config: architecture, data) with this run's eval and
+        train sections and the explicit `--data.*`, `--loss.*` (LPIPS paths) and `--text.tokenizer` flags on top."""
+        cfg = copy.deepcopy(base)
+        cfg.eval, cfg.train = copy.deepcopy(self.cli.eval), copy.deepcopy(self.cli.train)
+        for key, raw in self.overrides:
+            if key.split(".")[0] in ("data", "loss") or key == "text.tokenizer":
+                set_config_value(cfg, key, raw)
+        return validate_config(cfg)
+
+    def vtp(self):
+        """(VTP in eval mode, evaluation Config, checkpoint dict) of eval.ckpt."""
+        if self._vtp is None:
+            if not self.cli.eval.ckpt:
+                raise ConfigError("eval.ckpt is empty: pass --ckpt=<checkpoint file, run folder (latest ckpt_*.pt), "
+                                  "or released folder with config.json + model.safetensors>")
+            model, cfg, ckpt = load_vtp(self.cli.eval.ckpt, self.device)
+            self._vtp = (model.requires_grad_(False), self.merge(cfg), ckpt)
+        return self._vtp
+
+    def fd_features(self, vtp=None, vtp_name=""):
+        """FDFeatures: Inception when eval.inception_path is set, else the given VTP (default: eval.ckpt's)."""
+        path = self.cli.eval.inception_path
+        if path:
+            if self._inception is None:
+                self._inception = load_fid_inception(path, self.device)
+            return FDFeatures(inception=self._inception, space="inception-2015-12-05")
+        if vtp is None:
+            vtp, vtp_name = self.vtp()[0], self.cli.eval.ckpt
+        return FDFeatures(vtp=vtp, space=f"vtp:{vtp_name}")
+
+    def lpips(self, cfg):
+        """LPIPS from losses.py with loss.lpips_vgg_path / lpips_lin_path, or None (with a note) without them."""
+        if self._lpips is False:
+            vgg, lin = cfg.loss.lpips_vgg_path, cfg.loss.lpips_lin_path
+            if not (vgg and lin):
+                print0("LPIPS skipped: no weights given (--loss.lpips_vgg_path and --loss.lpips_lin_path)")
+                self._lpips = None
+            else:
+                from losses import LPIPS
+
+                self._lpips = LPIPS().load_weights(vgg, lin).to(self.device)
+        return self._lpips
+
+    def loader(self, cfg, split, num_images, image_size=None):
+        """This rank's disjoint shard of the first `num_images` images of `split`, ADM centre crops."""
+        from data import build_eval_loader
+
+        return build_eval_loader(cfg, split, image_size or cfg.encoder.image_size, cfg.eval.batch_size,
+                                 rank=self.rank, world_size=self.world_size, max_images=num_images)
+
+    def bar(self, iterable, desc):
+        """tqdm on rank 0 only."""
+        return tqdm(iterable, desc=desc, disable=self.rank != 0)
+
+
+# -----------------------------------------------------------------------------
+# The four subcommands. Each returns a dict of results (identical on every rank).
+
+
+def _class_names(cfg):
+    """Class names in label order: eval.class_names (a text file, one per line) or the val dataset's class_names."""
+    if cfg.eval.class_names:
+        with open(cfg.eval.class_names) as f:
+            return [line.strip() for line in f if line.strip()]
+    from data import build_dataset
+
+    return list(getattr(build_dataset(cfg, "val"), "class_names", None) or [])
+
+
+def _text_tokenizer(cfg, ckpt):
+    """The checkpoint's own text tokenizer, or (released checkpoints) the CLIP BPE file of --text.tokenizer."""
+    from data import build_tokenizer, tokenizer_from_state
+
+    if ckpt.get("tokenizer") is not None:
+        return tokenizer_from_state(ckpt["tokenizer"])
+    if cfg.text.tokenizer != "bpe" and not os.path.isfile(cfg.text.tokenizer):
+        raise ConfigError(f"text.tokenizer={cfg.text.tokenizer!r} not found: pass "
+                          "--text.tokenizer=/path/to/bpe_simple_vocab_16e6.txt.gz (the CLIP merges file)")
+    return build_tokenizer(cfg)
+
+
+def run_zero_shot(E):
+    """Zero-shot top-1 / top-5 on the val split: cosine of image features with per-class prompt embeddings."""
+    model, cfg, ckpt = E.vtp()
+    names = _class_names(cfg)
+    if not names:
+        return {"skipped": f"data.dataset={cfg.data.dataset} has no class names (give --eval.class_names=FILE)"}
+    if all(re.fullmatch(r"n\d{8}", n) for n in names):
+        print0("note: class names are WordNet ids (n0...): pass --eval.class_names=FILE with readable names")
+    choice = cfg.eval.templates
+    if choice == "auto":
+        choice = "simple" if cfg.data.dataset == "builtin" else "clip"
+    templates = SIMPLE_TEMPLATES if choice == "simple" else CLIP_TEMPLATES
+    amp = _amp(cfg, E.device)
+    with amp:
+        weights = zero_shot_classifier(model, _text_tokenizer(cfg, ckpt), names, templates, E.device)  # (E, C)
+    logits, labels = [], []
+    for batch in E.bar(E.loader(cfg, "val", cfg.eval.num_images), "zero-shot images"):
+        with torch.no_grad(), amp:
+            f = model.image_features(batch["images"].to(E.device), normalize=True)
+        logits.append((F.normalize(f.float(), dim=-1) @ weights).cpu())  # (b, C)
+        labels.append(batch["labels"].cpu())
+    logits, labels = gather_cat(torch.cat(logits)), gather_cat(torch.cat(labels))
+    return {**topk_accuracy(logits, labels), "num_images": len(labels), "num_classes": len(names),
+            "templates": f"{choice} ({len(templates)})"}
+
+
+def _extract(E, model, cfg, split, desc):
+    """Probe features and labels of the first eval.num_images images of `split`, gathered: ((N, F), (N,))."""
+    feats, labels = [], []
+    kind, n_blocks = cfg.eval.probe_features, cfg.eval.probe_blocks
+    for batch in E.bar(E.loader(cfg, split, cfg.eval.num_images), desc):
+        with _amp(cfg, E.device):
+            feats.append(probe_features(model, batch["images"].to(E.device), kind, n_blocks).cpu())
+        labels.append(batch["labels"].cpu())
+    return gather_cat(torch.cat(feats)), gather_cat(torch.cat(labels))
+
+
+def run_probe(E):
+    """Linear probe (lr grid, best on val) and weighted k-NN on frozen features of train -> val."""
+    model, cfg, _ = E.vtp()
+    e = cfg.eval
+    train_x, train_y = _extract(E, model, cfg, "train", "probe features (train)")
+    val_x, val_y = _extract(E, model, cfg, "val", "probe features (val)")
+    if (train_y < 0).any() or (val_y < 0).any():
+        return {"skipped": f"data.dataset={cfg.data.dataset} has no class labels"}
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    knn = topk_accuracy(knn_classify(train_x, train_y, val_x, num_classes, e.knn_k, e.knn_temperature), val_y)
+    lin = linear_probe(train_x, train_y, val_x, val_y, num_classes, lrs=e.probe_lrs, epochs=e.probe_epochs,
+                       batch_size=e.probe_batch_size, seed=e.seed)
+    desc = "pooled latent" if e.probe_features == "latent" else f"[CLS] of last {e.probe_blocks} + mean patch"
+    return {"features": desc, "feature_dim": train_x.shape[1], "num_train": len(train_y), "num_val": len(val_y),
+            "linear_top1": lin["top1"], "linear_top5": lin["top5"], "best_lr": lin["best_lr"],
+            "per_lr_top1": lin["per_lr"], f"knn{e.knn_k}_top1": knn["top1"], f"knn{e.knn_k}_top5": knn["top5"]}
+
+
+def run_recon(E):
+    """PSNR / SSIM (8-bit images), LPIPS, rFID or rFD_vtp of val reconstructions, and a side-by-side PNG."""
+    from data import denormalize
+
+    model, cfg, _ = E.vtp()
+    fd, lpips = E.fd_features(), E.lpips(cfg)
+    out = {k: [] for k in ("psnr", "ssim", "lpips", "real", "rec")}
+    grid = None
+    for batch in E.bar(E.loader(cfg, "val", cfg.eval.num_images), "reconstruction"):
+        x = batch["images"].to(E.device)
+        with torch.no_grad(), _amp(cfg, E.device):
+            rec = model(x)
+        real, fake = quantize(denormalize(x.float())), quantize(denormalize(rec.float()))  # (b, 3, H, W) in [0, 1]
+        out["psnr"].append(psnr(real, fake).cpu())
+        out["ssim"].append(ssim(real, fake).cpu())
+        if lpips is not None:
+            with torch.no_grad():
+                out["lpips"].append(lpips(real * 2 - 1, fake * 2 - 1).float().cpu())
+        out["real"].append(fd(real)[0].cpu())
+        out["rec"].append(fd(fake)[0].cpu())
+        if grid is None:
+            grid = (real[:cfg.eval.recon_grid].cpu(), fake[:cfg.eval.recon_grid].cpu())
+    res = {k: gather_cat(torch.cat(v)) for k, v in out.items() if v}
+    name = "r" + fd.name
+    results = {"psnr": res["psnr"].mean().item(), "ssim": res["ssim"].mean().item(),
+               name: frechet_distance(*feature_statistics(res["real"]), *feature_statistics(res["rec"])),
+               "lpips": res["lpips"].mean().item() if "lpips" in res else None,
+               "num_images": len(res["psnr"]), "fd_space": fd.space}
+    if E.rank == 0:
+        results["grid_png"] = save_pair_grid(_side_path(cfg, "recon.png"), *grid)
+    return results
+
+
+def _side_path(cfg, name):
+    """A file next to the results JSON: runs/eval/results.json -> runs/eval/results_{name}."""
+    return os.path.splitext(cfg.eval.out)[0] + "_" + name
+
+
+def save_pair_grid(path, top, bottom=None):
+    """Save (n, 3, H, W) [0, 1] images as one row (above `bottom`'s row when given) to a PNG; returns the path."""
+    rows = [top] + ([bottom] if bottom is not None else [])
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows*H, n*W)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def _resolve_ckpt(path):
+    """A checkpoint file, or the latest ckpt_*.pt of a folder; None when there is none."""
+    if path and os.path.isdir(path):
+        return latest_checkpoint(path)
+    return path if path and os.path.isfile(path) else None
+
+
+def _generated_images(E):
+    """
+    This rank's share of the generated images as uint8 (n, H, W, 3): a slice of eval.gen_npz (key arr_0, as
+    written by `train_dit.py sample`, or images), or samples of eval.dit_ckpt's EMA DiT (train_dit.sample_images).
+    Returns (images, the DiT checkpoint dict or None, a description of the source).
+    """
+    e = E.cli.eval
+    if e.gen_npz:
+        with np.load(e.gen_npz) as f:
+            arr = f["arr_0"] if "arr_0" in f else f["images"]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"{e.gen_npz}: expected uint8 images (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        share = np.array_split(np.arange(len(arr)), E.world_size)[E.rank]
+        return arr[share], None, e.gen_npz
+    path = _resolve_ckpt(e.dit_ckpt)
+    if path is None:
+        raise FileNotFoundError(f"--dit_ckpt={e.dit_ckpt!r}: no DiT checkpoint there (train one with train_dit.py, "
+                                "or pass --gen_npz=samples.npz)")
+    from train_dit import sample_images
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    images, _ = sample_images(path, e.num_gen, seed=e.seed, batch_size=e.batch_size, device=E.device,
+                              num_steps=e.gen_steps or None, rank=E.rank, world_size=E.world_size)
+    return images, ckpt, path
+
+
+def reference_statistics(E, cfg, fd, image_size):
+    """
+    (mu, sigma, path) of the first eval.num_images train images (ADM centre crops at `image_size`, 8-bit) in the
+    feature space of `fd`. Cached as .npz: at eval.ref_stats if given, else next to eval.out under a name that
+    hashes everything the statistics depend on (feature space, data set, size, count), so a stale file is never
+    reused.
+    """
+    from data import denormalize
+
+    meta = {"space": fd.space, "dataset": cfg.data.dataset, "split": "train", "image_size": image_size,
+            "data_path": os.path.abspath(cfg.data.path) if cfg.data.path else "", "num_images": cfg.eval.num_images}
+    if fd.vtp is not None:
+        from train_dit import tokenizer_fingerprint
+
+        meta["fingerprint"] = tokenizer_fingerprint(fd.vtp)
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    path = cfg.eval.ref_stats or os.path.join(os.path.dirname(cfg.eval.out) or ".", f"ref_{fd.name}_{digest}.npz")
+    if os.path.isfile(path):
+        print0(f"reference statistics: {path}")
+        return (*load_statistics(path), path)
+    feats = []
+    for batch in E.bar(E.loader(cfg, "train", cfg.eval.num_images, image_size), "reference statistics"):
+        real = quantize(denormalize(batch["images"].to(E.device).float()))  # (b, 3, S, S) in [0, 1]
+        feats.append(fd(real)[0].cpu())
+    mu, sigma = feature_statistics(gather_cat(torch.cat(feats)))
+    if E.rank == 0:
+        save_statistics(path, mu, sigma, **meta)
+    return mu, sigma, path
+
+
+def run_gen(E):
+    """gFID (or gFD_vtp) of generated images against the reference statistics; Inception Score with Inception."""
+    images, dit_ckpt, source = _generated_images(E)
+    e = E.cli.eval
+    # Reference data: the data the DiT was trained on, else the tokenizer's, else the defaults (+ --data.* flags).
+    base = Config.from_dict(dit_ckpt["config"]) if dit_ckpt else E.vtp()[1] if e.ckpt else Config()
+    cfg = E.merge(base)
+    if e.inception_path or e.ckpt:
+        fd = E.fd_features()
+    elif dit_ckpt is not None:  # FD_vtp in the space of the tokenizer the DiT was trained on
+        tok = dit_ckpt["tokenizer"]
+        path = tok["path"] if os.path.exists(tok["path"]) else tok["abs_path"]
+        fd = E.fd_features(load_vtp(path, E.device)[0], path)
+    else:
+        raise ConfigError("gen without --eval.inception_path computes FD_vtp and needs a tokenizer: pass --ckpt")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W) in [0, 1]
+    feats, logits = [], []
+    for i in E.bar(range(0, len(x), e.batch_size), "generated-image features"):
+        f, lg = fd(x[i:i + e.batch_size].to(E.device))
+        feats.append(f.cpu())
+        if lg is not None:
+            logits.append(lg.cpu())
+    feats = gather_cat(torch.cat(feats))
+    mu_ref, sigma_ref, ref_path = reference_statistics(E, cfg, fd, x.shape[-1])
+    results = {"g" + fd.name: frechet_distance(*feature_statistics(feats), mu_ref, sigma_ref),
+               "num_samples": len(feats), "num_reference": cfg.eval.num_images, "reference_stats": ref_path,
+               "source": source, "fd_space": fd.space}
+    if logits:
+        results["inception_score"], results["inception_score_std"] = inception_score(gather_cat(torch.cat(logits)))
+    if E.rank == 0 and len(x):
+        n = min(8, len(x))
+        second_row = x[n:2 * n] if len(x) >= 2 * n else None
+        results["grid_png"] = save_pair_grid(_side_path(cfg, "samples.png"), x[:n], second_row)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+COMMANDS = {"zero-shot": run_zero_shot, "probe": run_probe, "recon": run_recon, "gen": run_gen}
+ALIASES = {"ckpt": "eval.ckpt", "dit_ckpt": "eval.dit_ckpt", "gen_npz": "eval.gen_npz"}
+USAGE = ("usage: python evaluate.py {zero-shot,probe,recon,gen,all} --ckpt=PATH [--dit_ckpt=PATH | --gen_npz=FILE] "
+         "[--eval.inception_path=pt_inception-2015-12-05-6726825d.pth] [--key=value ...]")
+
+
+def check_eval_config(cfg):
+    """Fail at start-up, naming the field, on eval values that would break a run later."""
+    e = cfg.eval
+    checks = [("eval.templates", e.templates in ("auto", "clip", "simple"), "valid choices are auto, clip, simple"),
+              ("eval.probe_features", e.probe_features in ("cls_patch", "latent"),
+               "valid choices are cls_patch, latent"),
+              ("eval.probe_blocks", e.probe_blocks >= 1, "must be >= 1 (the paper uses 1 or 4)"),
+              ("eval.probe_lrs", len(e.probe_lrs) >= 1 and min(e.probe_lrs) >= 0, "must be learning rates >= 0"),
+              ("eval.num_images", e.num_images >= 2, "must be >= 2 (statistics need two samples)"),
+              ("eval.num_gen", e.num_gen >= 2, "must be >= 2"), ("eval.batch_size", e.batch_size >= 1, "must be >= 1"),
+              ("eval.knn_k", e.knn_k >= 1, "must be >= 1"), ("eval.probe_epochs", e.probe_epochs >= 1, "must be >= 1"),
+              ("eval.probe_batch_size", e.probe_batch_size >= 1, "must be >= 1")]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"invalid config value {key}={getattr(e, key.split('.')[1])!r}: {why}")
+    return cfg
+
+
+def _explicit_overrides(argv):
+    """The (dotted key, raw value) pairs given on the command line, aliases resolved."""
+    pairs = []
+    for arg in argv:
+        key, eq, raw = arg[2:].partition("=")
+        pairs.append((ALIASES.get(key, key), raw if eq else "true"))
+    return pairs
+
+
+def format_table(results):
+    """The results as aligned `section  metric  value` lines."""
+    rows = []
+    for section, res in results.items():
+        if not isinstance(res, dict):
+            continue
+        for k, v in res.items():
+            if isinstance(v, dict):
+                v = ", ".join(f"{a}: {b:.2f}" for a, b in v.items())
+            elif isinstance(v, float):
+                v = f"{v:.4f}"
+            rows.append((section, k, str(v)))
+    w0, w1 = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def main(argv=None):
+    """`python evaluate.py SUBCOMMAND --key=value ...`; returns the results dict (also written to eval.out)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "all"):
+        raise ConfigError(USAGE)
+    command, rest = argv[0], argv[1:]
+    cli = check_eval_config(parse_config(rest, aliases=ALIASES))
+    overrides = _explicit_overrides(rest)
+    rank, world_size, _, device = setup_distributed(cli.train.device)
+    E = Evaluator(cli, overrides, rank, world_size, device)
+    used = ("data", "eval", "train", "loss")
+    ignored = [k for k, _ in overrides if k.split(".")[0] not in used and k != "text.tokenizer"]
+    if ignored:
+        print0(f"note: {', '.join(ignored)} ignored: the architecture comes from the checkpoint")
+    fd_name = "FID" if cli.eval.inception_path else "FD_vtp"
+    if fd_name == "FD_vtp":
+        print0("no --eval.inception_path: Fréchet distances are FD_vtp, measured in the VTP tokenizer's feature "
+               "space ([CLS] ++ mean patch), NOT FID; compare them only with each other, never with published FIDs")
+    results = {"command": command, "ckpt": cli.eval.ckpt, "fd_metric": fd_name}
+    for name in (COMMANDS if command == "all" else [command]):
+        if name == "gen" and command == "all" and not cli.eval.gen_npz and _resolve_ckpt(cli.eval.dit_ckpt) is None:
+            why = f"no DiT checkpoint found at {cli.eval.dit_ckpt!r}" if cli.eval.dit_ckpt else "no --dit_ckpt given"
+            print0(f"gen skipped: {why} (pass --dit_ckpt=runs/dit or --gen_npz=samples.npz)")
+            results["gen"] = {"skipped": why}
+            continue
+        print0(f"== {name}")
+        results[name] = COMMANDS[name](E)
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(cli.eval.out)), exist_ok=True)
+        with open(cli.eval.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print0(format_table(results))
+        print0(f"results written to {cli.eval.out}")
+    cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    main()
