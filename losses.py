@@ -13,14 +13,16 @@ Distributed convention: every loss is a per-rank value whose mean over ranks is 
 gradient averaging yields exactly the full-batch gradient (see `clip_loss` for the one place where that needs care).
 Every collective goes through the helpers below, which do nothing without a process group.
 
-A stage-1 SSL step reads (shapes per rank; B = SSL images, K = prototypes, crop-major layouts):
+A stage-1 step reads (shapes per rank; B = SSL images, K = prototypes, M = masked tokens, crop-major layouts):
 
-    with torch.no_grad():  # teacher on the 2 global crops
+    clip = clip_loss(image_features, text_features, model.logit_scale, rank, world_size)
+    with torch.no_grad():  # teacher on the 2 unmasked global crops; the head on [CLS] and on tokens[masks]
         t_cls = sinkhorn_knopp(teacher_cls_logits, teacher_temp, cfg.sinkhorn_iters)      # (2B, K)
-        t_patch = sinkhorn_knopp(teacher_patch_logits[masks], teacher_temp, ...)          # (M, K)
+        t_patch = sinkhorn_knopp(teacher_masked_patch_logits, teacher_temp, ...)          # (M, K)
     dino = dino_loss(student_global_logits, student_local_logits, t_cls, cfg.student_temp)
-    ibot = ibot_loss(student_patch_logits[masks], t_patch, masks, cfg.student_temp)
+    ibot = ibot_loss(student_masked_patch_logits, t_patch, masks, cfg.student_temp)
     koleo = koleo_loss(student_global_cls)                                                # pre-head [CLS], (2B, D)
+    losses = vtp_loss(cfg, rec=rec_loss(recon, images), clip=clip, dino=dino, ibot=ibot, koleo=koleo)
 """
 
 import math

@@ -439,6 +439,7 @@ def test_adaptive_gan_weight_on_toy_decoder():
     assert adaptive_gan_weight(rec, 1e-9 * y[0], last.weight, max_weight=100.0).item() == pytest.approx(100.0)
     # the graph survives for the real backward
     out = gan_generator_loss(rec, y.view(1, 1, 1, 2), last.weight, step=5, gan_weight=0.5, gan_start=5)
+    assert out["adaptive_weight"].item() > 0 and out["gan"].item() == pytest.approx(-y.mean().item())  # on at start
     assert out["total"].item() == pytest.approx(rec.item() + 0.5 * out["adaptive_weight"].item() * -y.mean().item(),
                                                 rel=1e-5)
     out["total"].backward()
