@@ -35,9 +35,9 @@ import torch.nn.functional as F
 class EncoderConfig:
     image_size: int = 32  # training resolution; any multiple of patch_size works at inference
     patch_size: int = 4  # stride of the tokenizer (16 for the released models)
-    width: int = 192  # token width D
-    depth: int = 6  # number of transformer blocks
-    num_heads: int = 3  # attention heads (head_dim = width / num_heads, must be a multiple of 4 for RoPE)
+    width: int = 128  # token width D
+    depth: int = 4  # number of transformer blocks
+    num_heads: int = 2  # attention heads (head_dim = width / num_heads, must be a multiple of 4 for RoPE)
     mlp_hidden: int = 0  # SwiGLU hidden size; 0 = int(4*D*2/3) rounded up to a multiple of 8
     latent_dim: int = 4  # bottleneck channels (64 for f16d64); tiny: 3*4*4/4 = 12x compression like the paper
     qk_norm: bool = False  # RMSNorm on q and k before RoPE (paper mentions it; released models have none)
@@ -51,9 +51,9 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    width: int = 192  # token width of the pixel decoder
-    depth: int = 4  # number of blocks
-    num_heads: int = 3  # attention heads
+    width: int = 128  # token width of the pixel decoder
+    depth: int = 3  # number of blocks
+    num_heads: int = 2  # attention heads
     mlp_hidden: int = 0  # SwiGLU hidden size; 0 = int(4*D*2/3) rounded up to a multiple of 8
 
 
@@ -62,7 +62,7 @@ class TextConfig:
     vocab_size: int = 1024  # BPE vocabulary (49408 for the CLIP vocabulary); end-of-text must be the largest id
     context_length: int = 32  # tokens per caption, start and end tokens included (77 for CLIP)
     width: int = 128  # transformer width
-    depth: int = 4  # transformer layers
+    depth: int = 2  # transformer layers
     num_heads: int = 2  # attention heads
     mlp_ratio: float = 4.0  # GELU MLP hidden = mlp_ratio * width
     embed_dim: int = 128  # shared image-text embedding size (text_projection and visual_proj outputs)
@@ -108,10 +108,10 @@ class DataConfig:
     dataset: str = "builtin"  # "builtin" | "folder" | "jsonl" | "tar" | "imagenet"
     path: str = ""  # root folder, JSONL file, or tar brace pattern (not used by builtin)
     val_path: str = ""  # validation data of the same kind (builtin uses its val split)
-    batch_size: int = 64  # B: image-text pairs per process per micro-step (all feed CLIP)
-    ssl_batch_size: int = 16  # B_ssl: random subset of the B samples that feeds SSL (paper 16k/4k)
-    rec_batch_size: int = 8  # B_rec: random subset that feeds reconstruction (paper 16k/2k)
-    num_local_crops: int = 8  # DINOv2 local crops per image (2 global crops always)
+    batch_size: int = 32  # B: image-text pairs per process per micro-step (all feed CLIP)
+    ssl_batch_size: int = 8  # B_ssl: random subset of the B samples that feeds SSL (paper 16k/4k)
+    rec_batch_size: int = 16  # B_rec: random subset that feeds reconstruction (paper 16k/2k; tiny: more, for CPU)
+    num_local_crops: int = 4  # DINOv2 local crops per image (2 global crops always; 8 for S/B/L)
     global_crop_scale: tuple = (0.32, 1.0)  # RandomResizedCrop scale range of global crops
     local_crop_scale: tuple = (0.05, 0.32)  # RandomResizedCrop scale range of local crops
     local_crop_size: int = 0  # local crop side; 0 = patch * round(grid * 7/16) (112 for 256 px)
@@ -267,7 +267,7 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
     c.decoder = DecoderConfig(width=width, depth=depth, num_heads=heads)
     c.text = TextConfig(vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12, embed_dim=768)
     c.head = HeadConfig(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536)
-    c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_workers=8)
+    c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_local_crops=8, num_workers=8)
     c.optim = OptimConfig()
     c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000)
     return c
@@ -275,7 +275,7 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
 
 def _tiny_preset():
     c = Config(preset="tiny")  # the dataclass defaults are the tiny preset
-    c.optim = OptimConfig(lr=2e-3, lr_ref_batch=64, warmup_frac=0.05)
+    c.optim = OptimConfig(lr=2e-3, lr_ref_batch=32, warmup_frac=0.05)
     return c
 
 

@@ -144,7 +144,8 @@ def test_attention_equals_plain_softmax_reference():
 def test_qk_norm_switch():
     assert "trunk.blocks.0.attn.q_norm.weight" not in VTP(small_cfg()).state_dict()
     sd = VTP(small_cfg(qk_norm=True)).state_dict()
-    assert sd["trunk.blocks.0.attn.q_norm.weight"].shape == (192 // 3,)
+    e = small_cfg().encoder
+    assert sd["trunk.blocks.0.attn.q_norm.weight"].shape == (e.width // e.num_heads,)
 
 
 def test_text_attention_equals_nn_multihead_attention():
@@ -202,7 +203,7 @@ def test_list_of_crops_equals_separate_forwards():
     ref_l = trunk.forward_features(loc)
     assert torch.allclose(outs[0]["cls"], ref_g["cls"], atol=1e-6)
     assert torch.allclose(outs[1]["patches"], ref_l["patches"], atol=1e-6)
-    assert outs[1]["patches"].shape == (3, 16, 192)
+    assert outs[1]["patches"].shape == (3, 16, trunk.cls_token.shape[-1])
 
 
 def test_drop_path_is_sample_level_and_only_in_training():
@@ -220,10 +221,11 @@ def test_drop_path_is_sample_level_and_only_in_training():
 
 def test_dino_head_prototypes_have_unit_norm():
     cfg = small_cfg()
-    head = DINOHead(192, cfg.head)
+    D = cfg.encoder.width
+    head = DINOHead(D, cfg.head)
     with torch.no_grad():
         head.last_layer.weight.mul_(5.0)  # scaling the raw weight must not change the output
-    x = torch.randn(4, 192)
+    x = torch.randn(4, D)
     out = head(x)
     assert out.shape == (4, cfg.head.num_prototypes)
     assert out.abs().max() <= 1.0 + 1e-5, "cosine between a unit bottleneck and unit prototypes"
@@ -410,9 +412,9 @@ def test_config_dict_round_trip():
     (["--data.dataset=coco"], "data.dataset='coco': valid choices"),
     (["--train.stage=3"], "train.stage=3: valid choices are 1, 2"),
     (["--encoder.image_size=30"], "encoder.image_size=30: must be a positive multiple of encoder.patch_size=4"),
-    (["--encoder.num_heads=5"], "encoder.num_heads=5: must divide encoder.width=192"),
-    (["--encoder.num_heads=32"], "head_dim = width/num_heads must be a multiple of 4"),
-    (["--data.ssl_batch_size=100"], "data.ssl_batch_size=100: must be <= data.batch_size=64"),
+    (["--encoder.num_heads=5"], "encoder.num_heads=5: must divide encoder.width=128"),
+    (["--encoder.num_heads=64"], "head_dim = width/num_heads must be a multiple of 4"),
+    (["--data.ssl_batch_size=100"], "data.ssl_batch_size=100: must be <= data.batch_size=32"),
     (["--encoder.drop_path_ssl=1.5"], "encoder.drop_path_ssl=1.5: must be in"),
     (["--loss.lambda_clip=-1"], "loss.lambda_clip=-1.0: must be >= 0"),
     (["--loss.lambda_clip=0", "--loss.lambda_ssl=0", "--loss.lambda_rec=0"], "at least one of"),
