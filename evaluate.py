@@ -69,8 +69,10 @@ CLIP_TEMPLATES = [
     "a photo of a small {}.", "a tattoo of the {}.",
 ]
 
-# Simple templates for the built-in synthetic shapes (their captions name a shape, its colour and background).
-SIMPLE_TEMPLATES = ["a {}.", "a {} shape.", "a drawing of a {}.", "a picture of a {}.", "a small {}.", "a large {}."]
+# Simple templates for the built-in scenes, whose captions name the main shape with its size, colour and place
+# ("a small red circle in the centre"); the label is that shape.
+SIMPLE_TEMPLATES = ["a {}", "a {}.", "there is a {}", "a picture of a {}", "a {} shape.", "a drawing of a {}.",
+                    "a small {}", "a large {}", "a {} in the centre"]
 
 
 # -----------------------------------------------------------------------------
@@ -677,10 +679,19 @@ def run_zero_shot(E):
         with torch.no_grad(), amp:
             f = model.image_features(batch["images"].to(E.device), normalize=True)
         logits.append((F.normalize(f.float(), dim=-1) @ weights).cpu())  # (b, C)
-        labels.append(batch["labels"].cpu())
+        labels.append(_labels(batch))
     logits, labels = gather_cat(torch.cat(logits)), gather_cat(torch.cat(labels))
+    if (labels < 0).any():
+        return {"skipped": f"data.dataset={cfg.data.dataset} has no class labels"}
     return {**topk_accuracy(logits, labels), "num_images": len(labels), "num_classes": len(names),
             "templates": f"{choice} ({len(templates)})"}
+
+
+def _labels(batch):
+    """The batch's labels, or -1 for each image of unlabelled data. (b,) int64 on the CPU."""
+    if "labels" in batch:
+        return batch["labels"].cpu()
+    return torch.full((len(batch["images"]),), -1, dtype=torch.long)
 
 
 def _extract(E, model, cfg, split, desc):
@@ -690,7 +701,7 @@ def _extract(E, model, cfg, split, desc):
     for batch in E.bar(E.loader(cfg, split, cfg.eval.num_images), desc):
         with _amp(cfg, E.device):
             feats.append(probe_features(model, batch["images"].to(E.device), kind, n_blocks).cpu())
-        labels.append(batch["labels"].cpu())
+        labels.append(_labels(batch))
     return gather_cat(torch.cat(feats)), gather_cat(torch.cat(labels))
 
 

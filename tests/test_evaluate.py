@@ -1,5 +1,6 @@
 """Tests of evaluate.py: hand-worked metric values, the FID Inception layout, the probes, and every subcommand."""
 
+import json
 import math
 import os
 import socket
@@ -114,6 +115,16 @@ def inception():
     return ev.FIDInceptionV3().eval()
 
 
+@pytest.fixture(scope="module")
+def inception_file(inception, tmp_path_factory):
+    """The random network saved like the converted TF file: same names, no num_batches_tracked counters."""
+    sd = {k: v.clone() for k, v in inception.state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd["Mixed_6b.branch7x7_2.conv.weight"].fill_(0.5)
+    path = str(tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth")
+    torch.save(sd, path)
+    return path
+
+
 def test_inception_layout_matches_the_fid_weights_file(inception):
     sd = inception.state_dict()
     for name, shape in INCEPTION_SHAPES.items():
@@ -144,25 +155,20 @@ def test_inception_fid_pooling_variants(inception):
 
 def test_inception_forward_is_2048d(inception):
     with torch.no_grad():
-        pool, logits = inception(torch.rand(2, 3, 299, 299))
-    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+        pool, logits = inception(torch.rand(1, 3, 299, 299))
+    assert pool.shape == (1, 2048) and logits.shape == (1, 1008)
     assert torch.isfinite(pool).all() and (pool >= 0).all()  # pool3 follows a ReLU
     assert torch.allclose(logits, pool @ inception.fc.weight.t(), atol=1e-4)
 
 
-def test_inception_strict_loading(tmp_path, inception):
-    # Mimic the converted TF file: same names, no num_batches_tracked counters.
-    sd = {k: v.clone() for k, v in inception.state_dict().items() if not k.endswith("num_batches_tracked")}
-    sd["Mixed_6b.branch7x7_2.conv.weight"].fill_(0.5)
-    path = str(tmp_path / "pt_inception.pth")
-    torch.save(sd, path)
-    net = ev.load_fid_inception(path)
+def test_inception_strict_loading(inception_file, tmp_path):
+    net = ev.load_fid_inception(inception_file)
     assert not net.training
     assert (net.state_dict()["Mixed_6b.branch7x7_2.conv.weight"] == 0.5).all()
-    del sd["fc.bias"]
-    torch.save(sd, path)
-    with pytest.raises(RuntimeError, match="fc.bias"):
-        ev.load_fid_inception(path)
+    partial = str(tmp_path / "partial.pth")
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, partial)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ev.load_fid_inception(partial)
 
 
 # -----------------------------------------------------------------------------
@@ -302,3 +308,139 @@ def test_gather_cat_two_processes():
     out = mp.Manager().dict()
     mp.spawn(_gather_worker, args=(2, port, out), nprocs=2)
     assert out[0] == out[1] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+# -----------------------------------------------------------------------------
+# End to end: every subcommand on a tiny random checkpoint and the built-in data
+
+from model import Config, ConfigError, VTP, save_checkpoint  # noqa: E402
+
+SMALL = ["--eval.num_images=16", "--eval.batch_size=8", "--eval.probe_epochs=3", "--eval.probe_lrs=0.1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny VTP (depth 1 everywhere) saved like pretrain.py does, in a run folder."""
+    from data import build_tokenizer
+
+    cfg = Config()
+    cfg.encoder.depth = cfg.decoder.depth = cfg.text.depth = 1
+    torch.manual_seed(0)
+    vtp = VTP(cfg)
+    folder = tmp_path_factory.mktemp("pretrain")
+    save_checkpoint(str(folder / "ckpt_3.pt"), {"model": vtp.state_dict(), "config": cfg.to_dict(),
+                                                "tokenizer": build_tokenizer(cfg).state_dict(), "step": 3, "stage": 1})
+    return str(folder)
+
+
+def _real_images(n, size=32):
+    """The first n built-in train images as uint8 (n, size, size, 3), exactly as the reference statistics see them."""
+    from data import build_eval_loader, denormalize
+
+    batch = next(iter(build_eval_loader(Config(), "train", size, n, max_images=n)))
+    return (ev.quantize(denormalize(batch["images"])) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def test_cli_all_without_dit_skips_gen(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "res.json")
+    res = ev.main(["all", f"--ckpt={tiny_ckpt}", f"--eval.out={out}"] + SMALL)
+    printed = capsys.readouterr().out
+    assert "gen skipped" in printed and "FD_vtp" in printed and "NOT FID" in printed
+    assert res["gen"] == {"skipped": "no --dit_ckpt given"}
+    zs, probe, rec = res["zero-shot"], res["probe"], res["recon"]
+    assert zs["num_images"] == 16 and zs["num_classes"] == 8 and 0 <= zs["top1"] <= zs["top5"] <= 100
+    assert probe["num_train"] == probe["num_val"] == 16 and probe["feature_dim"] == 2 * Config().encoder.width
+    assert 0 <= probe["linear_top1"] <= 100 and "knn20_top1" in probe
+    # A random decoder reconstructs badly; FD is labelled FD_vtp, never FID, without Inception weights.
+    assert 0 < rec["psnr"] < 30 and rec["ssim"] < 0.9 and rec["rFD_vtp"] > 0 and "rFID" not in rec
+    assert rec["lpips"] is None and res["fd_metric"] == "FD_vtp"
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(res))
+    from PIL import Image
+
+    assert Image.open(rec["grid_png"]).size == (8 * 32, 2 * 32)  # originals row above reconstructions
+
+
+def test_cli_recon_of_a_perfect_autoencoder(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(VTP, "forward", lambda self, images: images)  # reconstruction = input
+    rec = ev.main(["recon", f"--ckpt={tiny_ckpt}", f"--eval.out={tmp_path / 'r.json'}"] + SMALL)["recon"]
+    assert math.isinf(rec["psnr"]) and rec["ssim"] == pytest.approx(1.0)
+    assert abs(rec["rFD_vtp"]) < 1e-2
+
+
+def test_cli_gen_npz_against_reference(tiny_ckpt, tmp_path):
+    out = str(tmp_path / "res.json")
+    real = tmp_path / "real.npz"
+    np.savez(real, arr_0=_real_images(16))  # the very images the reference statistics are computed from
+    args = ["gen", f"--ckpt={tiny_ckpt}", f"--eval.out={out}"] + SMALL
+    same = ev.main(args + [f"--gen_npz={real}"])["gen"]
+    assert same["num_samples"] == 16 and abs(same["gFD_vtp"]) < 1e-2 and "gFID" not in same
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, images=np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    other = ev.main(args + [f"--gen_npz={noise}"])["gen"]
+    assert other["gFD_vtp"] > 1.0 and other["reference_stats"] == same["reference_stats"]
+    assert [p.name for p in tmp_path.glob("ref_*.npz")] == [os.path.basename(same["reference_stats"])]  # cached
+
+
+def test_cli_all_with_inception_weights(tiny_ckpt, tmp_path, inception_file, monkeypatch):
+    # sqrtm of a 2048x2048 matrix takes about a minute on 2 busy cores: record the statistics instead.
+    seen = []
+    monkeypatch.setattr(ev, "frechet_distance", lambda *stats: seen.append(stats) or 1.0)
+    npz = tmp_path / "gen.npz"
+    np.savez(npz, arr_0=_real_images(4)[::-1])  # the reference images, in another order
+    res = ev.main(["all", f"--ckpt={tiny_ckpt}", f"--gen_npz={npz}", f"--eval.inception_path={inception_file}",
+                   f"--eval.out={tmp_path / 'r.json'}", "--eval.num_images=4"] + SMALL[1:])
+    assert res["fd_metric"] == "FID"
+    assert res["recon"]["rFID"] == 1.0 and "rFD_vtp" not in res["recon"]
+    assert res["gen"]["gFID"] == 1.0 and res["gen"]["fd_space"] == "inception-2015-12-05"
+    assert 1.0 <= res["gen"]["inception_score"] <= 1008
+    assert len(seen) == 2 and all(mu.shape == (2048,) and sigma.shape == (2048, 2048) for mu, sigma, *_ in seen)
+    mu_gen, sigma_gen, mu_ref, sigma_ref = seen[1]
+    np.testing.assert_allclose(mu_gen, mu_ref, rtol=1e-4, atol=1e-6)  # same images -> same Inception statistics
+
+
+def test_cli_gen_samples_a_dit_checkpoint(tiny_ckpt, tmp_path):
+    import train_dit
+
+    dit_dir = str(tmp_path / "dit")
+    train_dit.main([f"--tokenizer={tiny_ckpt}", f"--dit.out_dir={dit_dir}", "--dit.max_steps=1", "--dit.batch_size=8",
+                    "--dit.num_cache_images=8", "--dit.stats_images=8", "--dit.num_sample_steps=2"])
+    gen = ev.main(["gen", f"--dit_ckpt={dit_dir}", "--eval.num_gen=4", "--eval.gen_steps=2",
+                   f"--eval.out={tmp_path / 'r.json'}"] + SMALL)["gen"]
+    # No --ckpt: FD_vtp is measured with the tokenizer the DiT was trained on.
+    assert gen["num_samples"] == 4 and gen["gFD_vtp"] > 0 and gen["fd_space"] == f"vtp:{tiny_ckpt}"
+    assert gen["source"].startswith(dit_dir) and os.path.isfile(gen["grid_png"])
+
+
+def test_probe_feature_kinds(tiny_ckpt):
+    from model import load_vtp
+
+    model, cfg, _ = load_vtp(tiny_ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    assert ev.probe_features(model, x, "latent").shape == (2, cfg.encoder.latent_dim)
+    f = ev.probe_features(model, x, "cls_patch", n_blocks=1)
+    assert f.shape == (2, 2 * cfg.encoder.width)
+    feats = model.features(x)
+    assert torch.allclose(f, torch.cat([feats["cls"], feats["patches"].mean(1)], dim=1), atol=1e-5)
+
+
+def test_merge_keeps_checkpoint_data_and_applies_flags():
+    base = Config()
+    base.data.seed, base.data.builtin_val_size = 7, 50
+    cli = ev.parse_config(["--eval.num_images=5", "--data.builtin_val_size=20", "--encoder.depth=2"])
+    E = ev.Evaluator(cli, ev._explicit_overrides(["--eval.num_images=5", "--data.builtin_val_size=20",
+                                                  "--encoder.depth=2"]))
+    cfg = E.merge(base)
+    assert cfg.data.seed == 7 and cfg.data.builtin_val_size == 20 and cfg.eval.num_images == 5
+    assert cfg.encoder.depth == base.encoder.depth  # architecture flags never override the checkpoint
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(ConfigError, match="usage"):
+        ev.main([])
+    with pytest.raises(ConfigError, match="eval.probe_features"):
+        ev.main(["probe", "--ckpt=x", "--eval.probe_features=pixels"])
+    with pytest.raises(ConfigError, match="--ckpt"):
+        ev.main(["zero-shot", f"--eval.out={tmp_path / 'r.json'}"])
+    with pytest.raises(FileNotFoundError, match="DiT checkpoint"):
+        ev.main(["gen", f"--dit_ckpt={tmp_path / 'nothing'}", f"--eval.out={tmp_path / 'r.json'}"])
