@@ -220,6 +220,7 @@ class EvalConfig:
     probe_epochs: int = 100  # probe: epochs over the cached features
     probe_batch_size: int = 256  # probe: mini-batch size
     recon_grid: int = 8  # recon: image pairs in the side-by-side PNG
+    fd_ckpt: str = ""  # FD_vtp judge: tokenizer whose features it uses; empty = eval.ckpt (gen: the DiT's tokenizer)
 
 
 @dataclass
