@@ -15,10 +15,13 @@ takes a disjoint shard of the images and the features are gathered before the me
 FID vs FD_vtp. FID needs the standard FID Inception-v3 weights (`pt_inception-2015-12-05-6726825d.pth`, given with
 `--eval.inception_path`); they cannot be downloaded here. Without them, the Fréchet distance is computed in the
 feature space of a VTP tokenizer (normed [CLS] ++ mean patch token) and is labelled FD_vtp everywhere: it is useful
-for comparing runs against each other, but its values are not comparable with published FID numbers.
+for comparing runs against each other when they share the judge (`--eval.fd_ckpt`; by default the evaluated
+tokenizer itself, which is a lenient judge of its own reconstructions), but its values are not comparable with
+published FID numbers.
 
-The file reads top to bottom: FID Inception-v3 -> Fréchet distance / Inception Score -> PSNR / SSIM -> zero-shot
--> linear probe / k-NN -> the four subcommands -> the CLI.
+The file reads top to bottom: prompt templates -> the gather helper -> FID Inception-v3 -> Fréchet distance /
+Inception Score -> PSNR / SSIM -> zero-shot -> linear probe / k-NN -> feature extraction -> the four subcommands
+-> the CLI.
 """
 
 import copy
@@ -39,8 +42,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
+from losses import LPIPS
 from model import (Config, ConfigError, cleanup_distributed, latest_checkpoint, load_vtp, parse_config, print0,
                    set_config_value, setup_distributed, validate_config)
+from train_dit import sample_images, tokenizer_fingerprint
 
 # -----------------------------------------------------------------------------
 # Prompt templates for zero-shot classification.
@@ -533,8 +539,6 @@ class FDFeatures:
         if self.inception is not None:
             pool, logits = self.inception(images.float())
             return pool.float(), logits.float()
-        from data import normalize
-
         f = self.vtp.features(normalize(images.float()))
         return torch.cat([f["cls"], f["patches"].mean(dim=1)], dim=1).float(), None  # (B, 2D)
 
@@ -575,7 +579,7 @@ class Evaluator:
     def __init__(self, cli, overrides, rank=0, world_size=1, device=torch.device("cpu")):
         self.cli, self.overrides = cli, overrides
         self.rank, self.world_size, self.device = rank, world_size, device
-        self._vtp, self._inception, self._lpips = None, None, False
+        self._vtp, self._inception, self._lpips, self._judges = None, None, False, {}
 
     def merge(self, base):
         """The evaluation config: `base` (a checkpoint's config: architecture, data) with this run's eval and
@@ -597,16 +601,26 @@ class Evaluator:
             self._vtp = (model.requires_grad_(False), self.merge(cfg), ckpt)
         return self._vtp
 
-    def fd_features(self, vtp=None, vtp_name=""):
-        """FDFeatures: Inception when eval.inception_path is set, else the given VTP (default: eval.ckpt's)."""
-        path = self.cli.eval.inception_path
-        if path:
+    def fd_features(self, vtp_path=""):
+        """
+        FDFeatures: Inception when eval.inception_path is set; else FD_vtp with the tokenizer of eval.fd_ckpt
+        (a fixed judge, to compare tokenizers with each other), else `vtp_path`, else eval.ckpt's.
+        """
+        e = self.cli.eval
+        if e.inception_path:
             if self._inception is None:
-                self._inception = load_fid_inception(path, self.device)
+                self._inception = load_fid_inception(e.inception_path, self.device)
             return FDFeatures(inception=self._inception, space="inception-2015-12-05")
-        if vtp is None:
-            vtp, vtp_name = self.vtp()[0], self.cli.eval.ckpt
-        return FDFeatures(vtp=vtp, space=f"vtp:{vtp_name}")
+        path = e.fd_ckpt or vtp_path or e.ckpt
+        if not path:
+            raise ConfigError("FD_vtp (no --eval.inception_path) needs a tokenizer: pass --ckpt or --eval.fd_ckpt")
+        if path == e.ckpt:
+            vtp = self.vtp()[0]
+        else:
+            if path not in self._judges:
+                self._judges[path] = load_vtp(path, self.device)[0].requires_grad_(False)
+            vtp = self._judges[path]
+        return FDFeatures(vtp=vtp, space=f"vtp:{path}")
 
     def lpips(self, cfg):
         """LPIPS from losses.py with loss.lpips_vgg_path / lpips_lin_path, or None (with a note) without them."""
@@ -616,15 +630,11 @@ class Evaluator:
                 print0("LPIPS skipped: no weights given (--loss.lpips_vgg_path and --loss.lpips_lin_path)")
                 self._lpips = None
             else:
-                from losses import LPIPS
-
                 self._lpips = LPIPS().load_weights(vgg, lin).to(self.device)
         return self._lpips
 
     def loader(self, cfg, split, num_images, image_size=None):
         """This rank's disjoint shard of the first `num_images` images of `split`, ADM centre crops."""
-        from data import build_eval_loader
-
         return build_eval_loader(cfg, split, image_size or cfg.encoder.image_size, cfg.eval.batch_size,
                                  rank=self.rank, world_size=self.world_size, max_images=num_images)
 
@@ -642,15 +652,11 @@ def _class_names(cfg):
     if cfg.eval.class_names:
         with open(cfg.eval.class_names) as f:
             return [line.strip() for line in f if line.strip()]
-    from data import build_dataset
-
     return list(getattr(build_dataset(cfg, "val"), "class_names", None) or [])
 
 
 def _text_tokenizer(cfg, ckpt):
     """The checkpoint's own text tokenizer, or (released checkpoints) the CLIP BPE file of --text.tokenizer."""
-    from data import build_tokenizer, tokenizer_from_state
-
     if ckpt.get("tokenizer") is not None:
         return tokenizer_from_state(ckpt["tokenizer"])
     if cfg.text.tokenizer != "bpe" and not os.path.isfile(cfg.text.tokenizer):
@@ -725,8 +731,6 @@ def run_probe(E):
 
 def run_recon(E):
     """PSNR / SSIM (8-bit images), LPIPS, rFID or rFD_vtp of val reconstructions, and a side-by-side PNG."""
-    from data import denormalize
-
     model, cfg, _ = E.vtp()
     fd, lpips = E.fd_features(), E.lpips(cfg)
     out = {k: [] for k in ("psnr", "ssim", "lpips", "real", "rec")}
@@ -795,8 +799,6 @@ def _generated_images(E):
     if path is None:
         raise FileNotFoundError(f"--dit_ckpt={e.dit_ckpt!r}: no DiT checkpoint there (train one with train_dit.py, "
                                 "or pass --gen_npz=samples.npz)")
-    from train_dit import sample_images
-
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     images, _ = sample_images(path, e.num_gen, seed=e.seed, batch_size=e.batch_size, device=E.device,
                               num_steps=e.gen_steps or None, rank=E.rank, world_size=E.world_size)
@@ -810,13 +812,9 @@ def reference_statistics(E, cfg, fd, image_size):
     hashes everything the statistics depend on (feature space, data set, size, count), so a stale file is never
     reused.
     """
-    from data import denormalize
-
     meta = {"space": fd.space, "dataset": cfg.data.dataset, "split": "train", "image_size": image_size,
             "data_path": os.path.abspath(cfg.data.path) if cfg.data.path else "", "num_images": cfg.eval.num_images}
     if fd.vtp is not None:
-        from train_dit import tokenizer_fingerprint
-
         meta["fingerprint"] = tokenizer_fingerprint(fd.vtp)
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     path = cfg.eval.ref_stats or os.path.join(os.path.dirname(cfg.eval.out) or ".", f"ref_{fd.name}_{digest}.npz")
@@ -840,14 +838,11 @@ def run_gen(E):
     # Reference data: the data the DiT was trained on, else the tokenizer's, else the defaults (+ --data.* flags).
     base = Config.from_dict(dit_ckpt["config"]) if dit_ckpt else E.vtp()[1] if e.ckpt else Config()
     cfg = E.merge(base)
-    if e.inception_path or e.ckpt:
-        fd = E.fd_features()
-    elif dit_ckpt is not None:  # FD_vtp in the space of the tokenizer the DiT was trained on
+    tok_path = ""
+    if dit_ckpt is not None and not e.ckpt:  # FD_vtp in the space of the tokenizer the DiT was trained on
         tok = dit_ckpt["tokenizer"]
-        path = tok["path"] if os.path.exists(tok["path"]) else tok["abs_path"]
-        fd = E.fd_features(load_vtp(path, E.device)[0], path)
-    else:
-        raise ConfigError("gen without --eval.inception_path computes FD_vtp and needs a tokenizer: pass --ckpt")
+        tok_path = tok["path"] if os.path.exists(tok["path"]) else tok["abs_path"]
+    fd = E.fd_features(tok_path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W) in [0, 1]
     feats, logits = [], []
     for i in E.bar(range(0, len(x), e.batch_size), "generated-image features"):

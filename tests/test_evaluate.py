@@ -363,9 +363,11 @@ def test_cli_all_without_dit_skips_gen(tiny_ckpt, tmp_path, capsys):
 
 def test_cli_recon_of_a_perfect_autoencoder(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(VTP, "forward", lambda self, images: images)  # reconstruction = input
-    rec = ev.main(["recon", f"--ckpt={tiny_ckpt}", f"--eval.out={tmp_path / 'r.json'}"] + SMALL)["recon"]
+    judge = os.path.join(tiny_ckpt, "ckpt_3.pt")  # a fixed FD_vtp judge, loaded apart from the evaluated model
+    rec = ev.main(["recon", f"--ckpt={tiny_ckpt}", f"--eval.fd_ckpt={judge}", f"--eval.out={tmp_path / 'r.json'}"]
+                  + SMALL)["recon"]
     assert math.isinf(rec["psnr"]) and rec["ssim"] == pytest.approx(1.0)
-    assert abs(rec["rFD_vtp"]) < 1e-2
+    assert abs(rec["rFD_vtp"]) < 1e-2 and rec["fd_space"] == f"vtp:{judge}"
 
 
 def test_cli_gen_npz_against_reference(tiny_ckpt, tmp_path):
