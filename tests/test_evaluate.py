@@ -54,6 +54,27 @@ def test_frechet_singular_covariances_are_finite():
     assert np.isfinite(d) and d > 0
 
 
+def test_frechet_eps_retry_and_imaginary_check(monkeypatch):
+    real_sqrtm, calls = ev.scipy.linalg.sqrtm, []
+    sigma, eps = _random_cov(4, 6), 1e-3
+
+    def failing_once(a):
+        calls.append(a.copy())
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", failing_once)
+    d = ev.frechet_distance(np.zeros(4), sigma, np.zeros(4), sigma, eps=eps)
+    offset = sigma + eps * np.eye(4)
+    assert len(calls) == 2 and np.allclose(calls[1], offset @ offset)
+    assert d == pytest.approx(-2 * eps * 4, rel=1e-6)  # tr(S) + tr(S) - 2 tr(S + eps I)
+    # Imaginary round-off on the diagonal is dropped; a large imaginary part raises.
+    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-5j * np.eye(4))
+    assert ev.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma) == pytest.approx(4.0, rel=1e-7)
+    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-2j * np.eye(4))
+    with pytest.raises(ValueError, match="imaginary"):
+        ev.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma)
+
+
 def test_statistics_round_trip(tmp_path):
     feats = torch.randn(50, 7)
     mu, sigma = ev.feature_statistics(feats)
@@ -154,8 +175,14 @@ def test_inception_fid_pooling_variants(inception):
 
 
 def test_inception_forward_is_2048d(inception):
+    seen = []
+    hook = inception.Conv2d_1a_3x3.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():
-        pool, logits = inception(torch.rand(1, 3, 299, 299))
+        pool, logits = inception(torch.rand(1, 3, 64, 64))
+    hook.remove()
+    # The stem sees 299x299 images in [-1, 1]: [0, 1] inputs are resized and mapped by 2x - 1.
+    assert seen[0].shape == (1, 3, 299, 299) and seen[0].min() < -0.9 and seen[0].max() > 0.9
+    assert seen[0].abs().max() <= 1.0
     assert pool.shape == (1, 2048) and logits.shape == (1, 1008)
     assert torch.isfinite(pool).all() and (pool >= 0).all()  # pool3 follows a ReLU
     assert torch.allclose(logits, pool @ inception.fc.weight.t(), atol=1e-4)
@@ -182,6 +209,11 @@ def test_psnr_identical_and_known_noise():
     y = x + sign * 10 / 255  # every pixel off by 10 levels: MSE = (10/255)^2
     expected = 20 * math.log10(255 / 10)
     assert torch.allclose(ev.psnr(x, ev.quantize(y)), torch.full((2,), expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_quantize_rounds_to_8_bit_levels():
+    x = torch.tensor([-0.2, 0.4 / 255, 0.6 / 255, 100.49 / 255, 1.3])
+    assert torch.equal(ev.quantize(x) * 255, torch.tensor([0.0, 0.0, 1.0, 100.0, 255.0]))
 
 
 def test_ssim_identical_constant_and_noise():
