@@ -666,7 +666,11 @@ def _text_tokenizer(cfg, ckpt):
 
 
 def run_zero_shot(E):
-    """Zero-shot top-1 / top-5 on the val split: cosine of image features with per-class prompt embeddings."""
+    """
+    Zero-shot top-1 / top-5 on the val split: cosine of image features with per-class prompt embeddings. The
+    released protocol squashes ImageNet val images to 256x256; here every subcommand reads the eval loader's ADM
+    centre crops (the same thing for square images such as the built-in scenes).
+    """
     model, cfg, ckpt = E.vtp()
     names = _class_names(cfg)
     if not names:
