@@ -410,7 +410,8 @@ class LatentCache:
     def __init__(self, cache_dir, require_meta=True):
         if require_meta and not os.path.isfile(os.path.join(cache_dir, "meta.json")):
             raise FileNotFoundError(f"{cache_dir} holds no complete latent cache (no meta.json)")
-        names = sorted(n for n in os.listdir(cache_dir) if n.startswith("shard_") and n.endswith(".pt"))
+        names = [n for n in os.listdir(cache_dir) if n.startswith("shard_") and n.endswith(".pt")]
+        names.sort(key=lambda n: tuple(int(v) for v in n[len("shard_"):-len(".pt")].split("_")))  # (rank, k)
         shards = [torch.load(os.path.join(cache_dir, n), mmap=True, weights_only=True) for n in names]
         self.latents = [s["latents"] for s in shards]
         self.labels = torch.cat([s["labels"] for s in shards])
@@ -462,6 +463,15 @@ class EpochSampler:
             epoch, off = divmod(start + len(out), self.n)
             out += self.perm(epoch)[off: off + self.batch_size - len(out)].tolist()
         return torch.tensor(out)  # (B,)
+
+
+def dataset_num_classes(cfg):
+    """Number of classes of the training set (its class_names); the DiT is class-conditional, so it needs labels."""
+    names = getattr(build_dataset(cfg, "train"), "class_names", None)
+    if not names:
+        raise ConfigError(f"invalid config value data.dataset={cfg.data.dataset!r}: the class-conditional DiT needs "
+                          "labelled data (builtin, or an ImageNet-style class folder with --data.dataset=imagenet)")
+    return len(names)
 
 
 def prepare_latent_cache(cfg, vtp, tok_cfg, fingerprint, rank, world_size, device, amp):
@@ -627,8 +637,8 @@ def main(argv=None):
         raise ValueError(f"{resume} was trained on the latents of tokenizer {ckpt['tokenizer']['path']} (fingerprint "
                          f"{ckpt['tokenizer']['fingerprint']}), but --tokenizer={d.tokenizer} has fingerprint "
                          f"{fingerprint}; use another --dit.out_dir")
+    num_classes = dataset_num_classes(cfg)
     cache = prepare_latent_cache(cfg, vtp, tok_cfg, fingerprint, rank, world_size, device, amp)
-    num_classes = _num_classes(cfg, cache)
     sampler = EpochSampler(len(cache), d.batch_size, rank, world_size, d.seed)
     # 4. model, EMA, objective
     dit_args = dict(name=d.model, input_size=grid, in_channels=tok_cfg.encoder.latent_dim,
@@ -705,13 +715,6 @@ def main(argv=None):
     del model
     cleanup_distributed()
     return last_ckpt
-
-
-def _num_classes(cfg, cache):
-    """Number of classes of the data set (its class_names), never fewer than the cached labels need."""
-    names = getattr(build_dataset(cfg, "train"), "class_names", None)
-    n = len(names) if names else 0
-    return max(n, int(cache.labels.max()) + 1)
 
 
 # -----------------------------------------------------------------------------

@@ -140,6 +140,10 @@ def test_flow_matching_loss_of_exact_velocity_is_zero():
     assert exact["loss"] < 1e-5 and exact["mse"] < 1e-5 and exact["cos"] < 1e-5
     double = fm.training_losses(oracle(2.0), x, y, generator=torch.Generator().manual_seed(1))
     assert double["cos"].abs() < 1e-5 and double["mse"] > 1.0  # right direction, wrong length
+    # a positive length that varies over positions keeps the direction of each channel vector: the cosine, taken
+    # over channels at each position, stays 0
+    per_position = oracle(torch.rand(1, 1, 8, 8) + 0.1)
+    assert fm.training_losses(per_position, x, y, generator=torch.Generator().manual_seed(1))["cos"].abs() < 1e-5
     flipped = fm.training_losses(oracle(-1.0), x, y, generator=torch.Generator().manual_seed(1))
     assert abs(flipped["cos"] - 2.0) < 1e-5
     assert torch.allclose(flipped["loss"], flipped["mse"] + 0.5 * flipped["cos"])
@@ -289,6 +293,33 @@ def test_tokenizer_errors_and_cache_rebuild(tokenizer, tmp_path):
         main(run_args(other, out, "--dit.max_steps=2"))
 
 
+def test_cache_of_an_imagenet_style_folder(tokenizer, tmp_path):
+    from PIL import Image
+    root = tmp_path / "imagenet"
+    g = np.random.default_rng(0)
+    for c, name in enumerate(["n01_cat", "n02_dog", "n03_fox"]):
+        (root / name).mkdir(parents=True)
+        for i in range(2 + c):  # 2, 3, 4 images of sizes that need the ADM centre crop
+            Image.fromarray(g.integers(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+            (root / name / f"{i}.txt").write_text("a caption, for the unlabelled folder reader below")
+    out = str(tmp_path / "run")
+    cfg = train_dit.parse_config(run_args(tokenizer, out, "--data.dataset=imagenet", f"--data.path={root}",
+                                          "--dit.shard_size=4", "--dit.batch_size=2"), aliases=train_dit.ALIASES)
+    assert train_dit.dataset_num_classes(cfg) == 3
+    vtp, tok_cfg, _ = load_vtp(tokenizer)
+    cache = prepare_latent_cache(cfg, vtp, tok_cfg, tokenizer_fingerprint(vtp), 0, 1, torch.device("cpu"),
+                                 torch.autocast("cpu", enabled=False))
+    assert len(cache) == 9 and sorted(cache.labels.tolist()) == [0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert [len(z) for z in cache.latents] == [4, 4, 1]  # shard_size images per shard file
+    pos, flip = torch.arange(9), torch.ones(9, dtype=torch.bool)
+    orig, flipped = cache.gather(pos, ~flip), cache.gather(pos, flip)
+    assert flipped.shape == (9, 4, 8, 8) and not torch.allclose(flipped, orig)
+    assert torch.equal(cache.gather(pos.flip(0), ~flip), orig.flip(0))  # gather across shards keeps the order
+    unlabelled = train_dit.parse_config(["--data.dataset=folder", f"--data.path={root}"])
+    with pytest.raises(ConfigError, match="labelled"):
+        train_dit.dataset_num_classes(unlabelled)
+
+
 # --- end to end ---
 
 
@@ -322,10 +353,11 @@ def test_smoke_cache_train_sample(tokenizer, tmp_path, capsys):
     assert "reusing" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "latents", "shard_0_0.pt")) == mtime
     # sampling: this rank's share, global indices, independent of the number of processes
-    imgs, idx = sample_images(out, 5, seed=3, batch_size=4, num_steps=3)
-    assert imgs.shape == (5, 32, 32, 3) and imgs.dtype == np.uint8 and idx.tolist() == [0, 1, 2, 3, 4]
-    share, sidx = sample_images(out, 5, seed=3, batch_size=4, num_steps=3, rank=1, world_size=2)
-    assert sidx.tolist() == [1, 3] and np.abs(share.astype(int) - imgs[[1, 3]].astype(int)).max() <= 1
+    imgs, idx = sample_images(out, 9, seed=3, batch_size=4, num_steps=3)
+    assert imgs.shape == (9, 32, 32, 3) and imgs.dtype == np.uint8 and idx.tolist() == list(range(9))
+    assert not np.array_equal(imgs[0], imgs[8])  # same class (8 classes cycle), different noise
+    share, sidx = sample_images(out, 9, seed=3, batch_size=3, num_steps=3, rank=1, world_size=2)
+    assert sidx.tolist() == [1, 3, 5, 7] and np.abs(share.astype(int) - imgs[1::2].astype(int)).max() <= 1
     other, _ = sample_images(out, 2, seed=4, num_steps=3)
     assert not np.array_equal(other, imgs[:2])
     # the CLI: PNGs + samples.npz
