@@ -610,6 +610,33 @@ def save_dit_checkpoint(d, step, state):
     return path
 
 
+def find_resume_checkpoint(d, fingerprint):
+    """The latest ckpt_*.pt of out_dir and its contents, or (None, None); refuses one trained on other latents."""
+    resume = latest_checkpoint(d.out_dir)
+    if resume is None:
+        return None, None
+    ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    if ckpt["tokenizer"]["fingerprint"] != fingerprint:
+        raise ValueError(f"{resume} was trained on the latents of tokenizer {ckpt['tokenizer']['path']} (fingerprint "
+                         f"{ckpt['tokenizer']['fingerprint']}), but --tokenizer={d.tokenizer} has fingerprint "
+                         f"{fingerprint}; use another --dit.out_dir")
+    return resume, ckpt
+
+
+def restore(ckpt, dit, ema, opt, scaler, world_size):
+    """Load model, EMA, optimizer and scaler states from a checkpoint; returns its step. Generator states need no
+    restoring: they are functions of (seed, rank, step)."""
+    dit.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["rng"]["world_size"] != world_size:
+        print0(f"note: resuming with {world_size} processes, saved with {ckpt['rng']['world_size']}: the data "
+               "order and noise differ from an uninterrupted run from here on")
+    return ckpt["step"]
+
+
 def main(argv=None):
     """Train a class-conditional DiT on the tokenizer's latents; see the module docstring for the CLI."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -631,12 +658,7 @@ def main(argv=None):
     grid = tok_cfg.encoder.image_size // tok_cfg.encoder.patch_size
     if grid % d.patch_size:
         raise ConfigError(f"invalid config value dit.patch_size={d.patch_size}: must divide the latent grid {grid}")
-    resume = latest_checkpoint(d.out_dir)
-    ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
-    if ckpt is not None and ckpt["tokenizer"]["fingerprint"] != fingerprint:
-        raise ValueError(f"{resume} was trained on the latents of tokenizer {ckpt['tokenizer']['path']} (fingerprint "
-                         f"{ckpt['tokenizer']['fingerprint']}), but --tokenizer={d.tokenizer} has fingerprint "
-                         f"{fingerprint}; use another --dit.out_dir")
+    resume, ckpt = find_resume_checkpoint(d, fingerprint)
     num_classes = dataset_num_classes(cfg)
     cache = prepare_latent_cache(cfg, vtp, tok_cfg, fingerprint, rank, world_size, device, amp)
     sampler = EpochSampler(len(cache), d.batch_size, rank, world_size, d.seed)
@@ -650,17 +672,8 @@ def main(argv=None):
            f"({dit.in_channels}, {grid}, {grid}), {num_classes} classes, EMA {ema_decay}")
     # 5. optimizer (constant lr, no schedule) and resume
     opt = torch.optim.AdamW(dit.parameters(), lr=d.lr, betas=d.betas, weight_decay=d.weight_decay)
-    step = 0
+    step = restore(ckpt, dit, ema, opt, scaler, world_size) if ckpt is not None else 0
     if ckpt is not None:
-        dit.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if ckpt["rng"]["world_size"] != world_size:
-            print0(f"note: resuming with {world_size} processes, saved with {ckpt['rng']['world_size']}: "
-                   "the data order and noise differ from an uninterrupted run from here on")
         print0(f"resumed from {resume} at step {step}")
     model = DDP(dit, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else dit
     model = torch.compile(model) if d.compile else model
