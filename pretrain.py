@@ -1,0 +1,533 @@
+"""
+VTP pre-training (RECIPE §1, §5, §6).
+
+Stage 1 (default): one ViT encoder trained from scratch with CLIP + SSL (DINO + iBOT + KoLeo against an EMA teacher)
++ reconstruction through the bottleneck and the pixel decoder, one optimizer step on the weighted sum.
+Stage 2 (--train.stage=2): the encoder and bottleneck are frozen and the pixel decoder is fine-tuned with
+L1 + LPIPS + an adaptive hinge GAN.
+
+    python pretrain.py                                   # tiny preset, built-in data, CPU, a few minutes
+    python pretrain.py --train.stage=2                   # stage 2 on the latest stage-1 checkpoint in out_dir
+    torchrun --nproc_per_node=8 pretrain.py --preset=L --data.dataset=tar --data.path='shards/{00000..01023}.tar'
+
+Any λ can be 0 for the paper's ablations: --loss.lambda_clip=0 --loss.lambda_ssl=0 is the reconstruction-only AE.
+"""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import losses
+from model import (VTP, Config, DINOHead, cleanup_distributed, config_summary, ema_update, latest_checkpoint,
+                   parse_config, print0, save_checkpoint, setup_distributed)
+
+# -----------------------------------------------------------------------------
+# Schedules: pure functions of the step (RECIPE §5-6)
+
+
+def lr_at(step, cfg: Config, peak):
+    """1) linear warm-up over warmup_frac of the steps, 2) cosine decay to min_lr_frac * peak."""
+    warmup = max(1, int(cfg.optim.warmup_frac * cfg.train.max_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.train.max_steps - warmup)
+    floor = cfg.optim.min_lr_frac * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def teacher_momentum_at(step, cfg: Config):
+    """Cosine from teacher_momentum (0.992) at step 0 to teacher_momentum_final (1.0) at the last step."""
+    base, final = cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_final
+    return final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * step / cfg.train.max_steps))
+
+
+def teacher_temp_at(step, cfg: Config):
+    """1) linear warm-up 0.04 -> 0.07 over the first 30% of steps, 2) constant after."""
+    lc = cfg.loss
+    warmup = lc.teacher_temp_warmup_frac * cfg.train.max_steps
+    if step >= warmup:
+        return lc.teacher_temp
+    return lc.warmup_teacher_temp + (lc.teacher_temp - lc.warmup_teacher_temp) * step / warmup
+
+
+def peak_lr(cfg: Config, world_size):
+    """Peak lr scaled by sqrt(global CLIP batch / lr_ref_batch) (RECIPE §6)."""
+    global_batch = cfg.data.batch_size * world_size * cfg.train.accum_steps
+    return cfg.optim.lr * math.sqrt(global_batch / cfg.optim.lr_ref_batch)
+
+
+# -----------------------------------------------------------------------------
+# The student: everything DDP must synchronize, with one forward that computes every stage-1 loss.
+
+
+class Student(nn.Module):
+    """
+    The trained VTP plus the DINO head. `forward(batch, teacher_probs)` runs one encoder forward per objective
+    (CLIP on the B pairs, SSL on the B_ssl multi-crops, reconstruction on B_rec images) and returns
+    (vtp_loss dict, reconstructions). Parts whose λ is 0 are frozen, so DDP never sees an unused parameter.
+    """
+
+    def __init__(self, cfg: Config, rank=0, world_size=1):
+        super().__init__()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.vtp = VTP(cfg)
+        feat_dim = cfg.encoder.latent_dim if cfg.encoder.latent_features else cfg.encoder.width
+        self.dino_head = DINOHead(feat_dim, cfg.head)
+        lc = cfg.loss
+        self.rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path)
+        v = self.vtp
+        if lc.lambda_clip == 0:  # AE-only / SSL+AE: no text tower, no CLIP head
+            for m in (v.token_embedding, v.text_transformer, v.ln_final, v.visual_proj):
+                m.requires_grad_(False)
+            for p in (v.positional_embedding, v.text_projection, v.logit_scale):
+                p.requires_grad_(False)
+        if lc.lambda_ssl == 0:  # AE-only / CLIP+AE: no DINO head, no masked tokens
+            self.dino_head.requires_grad_(False)
+            v.trunk.mask_token.requires_grad_(False)
+        if lc.lambda_rec == 0:
+            v.pixel_decoder.requires_grad_(False)
+            if not cfg.encoder.latent_features:
+                v.trunk.feature_bottleneck.requires_grad_(False)
+
+    def forward(self, batch, teacher_probs=None):
+        lc, e, v = self.cfg.loss, self.cfg.encoder, self.vtp
+        clip = dino = ibot = koleo = rec = recon = None
+        if lc.lambda_clip > 0:
+            img = v.image_features(batch["images"], drop_path_rate=e.drop_path_clip)  # (B, E)
+            txt = v.text_features(batch["tokens"])  # (B, E)
+            clip = losses.clip_loss(img, txt, v.logit_scale, self.rank, self.world_size)
+        if lc.lambda_ssl > 0:
+            dino, ibot, koleo = self.ssl_losses(batch, teacher_probs)
+        if lc.lambda_rec > 0:
+            target = batch["rec_images"]  # (B_rec, 3, H, W)
+            recon = v.decode(v.encode(target, drop_path_rate=e.drop_path_rec), drop_path_rate=0.0)
+            rec = self.rec_loss(recon, target)
+        return losses.vtp_loss(lc, rec=rec, clip=clip, dino=dino, ibot=ibot, koleo=koleo), recon
+
+    def ssl_losses(self, batch, teacher_probs):
+        """Student on the global crops (iBOT-masked) and the local crops; DINO, iBOT and KoLeo against the teacher."""
+        lc, v = self.cfg.loss, self.vtp
+        crops, masks = [batch["global_crops"]], [batch["masks"]]
+        if batch["local_crops"].numel():
+            crops.append(batch["local_crops"])
+            masks.append(None)
+        feats = v.trunk.forward_features(crops, masks=masks, drop_path_rate=self.cfg.encoder.drop_path_ssl)
+        g_cls, g_patches = v.semantic_tokens(feats[0])  # (2B, D), (2B, N, D)
+        n_global = g_cls.shape[0]
+        # one head call for the global [CLS], the masked patch tokens and the local [CLS]
+        head_in = [g_cls, g_patches[batch["masks"]]]  # (2B, D), (M, D)
+        if len(feats) > 1:
+            head_in.append(v.semantic_tokens(feats[1])[0])  # (n_local*B, D)
+        logits = self.dino_head(torch.cat(head_in))
+        s_global, s_patch = logits[:n_global], logits[n_global:n_global + head_in[1].shape[0]]
+        s_local = logits[n_global + head_in[1].shape[0]:] if len(feats) > 1 else None
+        dino = losses.dino_loss(s_global, s_local, teacher_probs["cls"], lc.student_temp)
+        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp)
+        koleo = losses.koleo_loss(g_cls, n_crops=2)
+        return dino, ibot, koleo
+
+
+class Teacher(nn.Module):
+    """EMA copy of the student's encoder and DINO head (no stochastic depth), run on the unmasked global crops."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.trunk = copy.deepcopy(student.vtp.trunk)
+        self.dino_head = copy.deepcopy(student.dino_head)
+        self.latent_features = student.vtp.latent_features
+        self.loss_cfg = student.cfg.loss
+        self.requires_grad_(False)
+        self.eval()
+        n_proto = student.cfg.head.num_prototypes
+        self.center_cls = losses.TeacherCentering(n_proto, student.cfg.loss.center_momentum)
+        self.center_patch = losses.TeacherCentering(n_proto, student.cfg.loss.center_momentum)
+
+    @torch.no_grad()
+    def ema_from(self, student, momentum):
+        """EMA update of (trunk, head) from the student's (trunk, head) after its optimizer step."""
+        ema_update(nn.ModuleList([self.trunk, self.dino_head]),
+                   nn.ModuleList([student.vtp.trunk, student.dino_head]), momentum)
+
+    @torch.no_grad()
+    def forward(self, global_crops, masks, temp):
+        """Teacher probabilities {"cls": (2B, K), "patches": (M, K)} for the student's masked positions."""
+        f = self.trunk.forward_features(global_crops)
+        cls, patches = f["cls"], f["patches"]
+        if self.latent_features:
+            cls, patches = self.trunk.feature_bottleneck(cls), self.trunk.feature_bottleneck(patches)
+        logits = self.dino_head(torch.cat([cls, patches[masks]]))
+        t_cls, t_patch = logits[:cls.shape[0]], logits[cls.shape[0]:]
+        if self.loss_cfg.teacher_norm == "sinkhorn":
+            n_iters = self.loss_cfg.sinkhorn_iters
+            return {"cls": losses.sinkhorn_knopp(t_cls, temp, n_iters),
+                    "patches": losses.sinkhorn_knopp(t_patch, temp, n_iters)}
+        return {"cls": self.center_cls(t_cls, temp), "patches": self.center_patch(t_patch, temp)}
+
+
+def param_groups(module, weight_decay):
+    """AdamW groups: no weight decay on norms, biases, [CLS]/mask tokens and logit_scale (all 0/1-d or *_token)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.endswith(("cls_token", "mask_token")) or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -----------------------------------------------------------------------------
+# Compute setup, logging, previews
+
+
+def amp_setup(cfg: Config, device):
+    """(autocast context factory, GradScaler or None). bf16 on CUDA by default, fp32 on CPU; fp16 uses a scaler."""
+    amp = cfg.train.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return ctx, scaler
+
+
+def save_preview(path, images, recon):
+    """A PNG with the inputs (top row) above their reconstructions (bottom row)."""
+    rows = [data.denormalize(x.float().cpu()).clamp(0, 1) for x in (images, recon)]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 2H, n*W)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+class Tracker:
+    """
+    Sums loss terms on the device between log steps (no host sync per step) and remembers, per term, the first
+    step at which it was not finite. `flush()` averages over processes (one all-reduce), syncs once, raises
+    NonFiniteLoss naming the term and step, and returns the mean of each term since the last flush.
+    """
+
+    def __init__(self, world_size=1):
+        self.world_size, self.sums, self.first_bad, self.n = world_size, {}, {}, 0
+
+    def add(self, terms, step):
+        for k, v in terms.items():
+            v = v.detach().float()
+            if k not in self.sums:
+                self.sums[k], self.first_bad[k] = torch.zeros_like(v), torch.full_like(v, -1)
+            bad = ~torch.isfinite(v) & (self.first_bad[k] < 0)
+            self.first_bad[k] = torch.where(bad, torch.full_like(v, step), self.first_bad[k])
+            self.sums[k] += v
+        self.n += 1
+
+    def flush(self):
+        keys = list(self.sums)
+        stats = torch.stack([self.sums[k] for k in keys] + [self.first_bad[k] for k in keys])
+        stats = losses.all_reduce_sum(stats).tolist() if self.world_size > 1 else stats.tolist()
+        sums, first_bad = stats[:len(keys)], stats[len(keys):]
+        for k, s, bad in zip(keys, sums, first_bad):
+            if bad > -self.world_size or not math.isfinite(s):  # -1 on every rank = never bad
+                step = int(self.first_bad[k].item()) if self.first_bad[k].item() >= 0 else "an earlier step"
+                raise NonFiniteLoss(f"loss term '{k}' became {self.sums[k].item()} at step {step}; "
+                                    "stopping without overwriting the last good checkpoint")
+        means = {k: s / max(1, self.n) / self.world_size for k, s in zip(keys, sums)}
+        self.sums, self.n = {k: torch.zeros_like(s) for k, s in self.sums.items()}, 0
+        return means
+
+
+@torch.no_grad()
+def check_ranks_in_sync(module, rank, world_size):
+    """DDP keeps every process's parameters identical; verify it (one all-gather of a checksum) at checkpoints."""
+    if world_size == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1)
+    sums = losses.all_gather_with_grad(checksum, rank, world_size).tolist()  # (world_size,)
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"parameters differ across processes: checksums {sums}")
+    print0(f"parameter checksum {sums[0]:.10e} identical on {world_size} processes")
+
+
+def log_step(out_dir, row, bar):
+    """One fixed-format log line and the same numbers appended to metrics.jsonl (rank 0 only)."""
+    terms = " | ".join(f"{k} {v:.4f}" for k, v in row.items()
+                       if k not in ("step", "total_steps", "lr", "grad_norm", "ms_per_step", "img_per_s"))
+    line = (f"step {row['step']}/{row['total_steps']} | {terms} | lr {row['lr']:.2e} | "
+            f"grad_norm {row['grad_norm']:.3f} | {row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.1f} img/s")
+    (bar.write if bar is not None else print)(line)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def fixed_preview_images(cfg: Config, n=8):
+    """The first n validation images at the training size, for previews that are comparable across steps."""
+    batch = next(iter(data.build_eval_loader(cfg, "val", cfg.encoder.image_size, n, max_images=n)))
+    return batch["images"]
+
+
+# -----------------------------------------------------------------------------
+# Stage 1
+
+
+def train_stage1(cfg: Config, rank, world_size, device):
+    out_dir, tc = cfg.train.out_dir, cfg.train
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+
+    # data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
+    ckpt_path = latest_checkpoint(out_dir) if tc.resume else None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
+    tokenizer = data.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else data.build_tokenizer(cfg)
+    loader = data.build_pretrain_loader(cfg, tokenizer, rank, world_size)
+
+    # model, teacher, optimizer
+    student = Student(cfg, rank, world_size).to(device)
+    teacher = Teacher(student).to(device)
+    lr_peak = peak_lr(cfg, world_size)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=lr_peak,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    autocast, scaler = amp_setup(cfg, device)
+    step = 0
+    if ckpt:
+        student.vtp.load_state_dict(ckpt["model"])
+        student.dino_head.load_state_dict(ckpt["dino_head"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["data"])
+        step = ckpt["step"]
+        print0(f"resumed from {ckpt_path} at step {step}")
+    model = DDP(student) if world_size > 1 else student
+    fwd = torch.compile(model) if tc.compile else model  # `student` stays the raw module we save and EMA from
+
+    def checkpoint(step):
+        check_ranks_in_sync(student, rank, world_size)
+        if rank == 0:
+            state = {"model": student.vtp.state_dict(), "dino_head": student.dino_head.state_dict(),
+                     "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else None, "step": step, "stage": 1,
+                     "config": cfg.to_dict(), "tokenizer": tokenizer.state_dict(), "data": loader.state_dict(),
+                     "rng": {"torch": torch.get_rng_state()}}
+            save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
+
+    preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
+    print0(f"stage 1 | {world_size} process(es) on {device} | global batch "
+           f"{cfg.data.batch_size * world_size * tc.accum_steps} | peak lr {lr_peak:.2e} | "
+           f"λ_rec {cfg.loss.lambda_rec} λ_ssl {cfg.loss.lambda_ssl} λ_clip {cfg.loss.lambda_clip}")
+    bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", dynamic_ncols=True) if rank == 0 else None
+    tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    while step < tc.max_steps:
+        # Stochastic depth draws from the global generator: seed it from (seed, rank, step) so a resumed run
+        # draws exactly what an uninterrupted one would. The data stream is a function of its position.
+        torch.manual_seed(tc.seed + 1_000_003 * rank + step)
+        lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(tc.accum_steps):
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
+            sync = micro == tc.accum_steps - 1 or world_size == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                probs = None
+                if cfg.loss.lambda_ssl > 0:
+                    probs = teacher(batch["global_crops"], batch["masks"], temp)
+                terms, _ = fwd(batch, probs)
+                loss = terms["total"] / tc.accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            student.vtp.logit_scale.clamp_(0.0, cfg.loss.logit_scale_max)
+            if cfg.loss.lambda_ssl > 0:
+                teacher.ema_from(student, teacher_momentum_at(step, cfg))
+        tracker.add({"grad_norm": grad_norm}, step + 1)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+
+        last = step == tc.max_steps
+        if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
+            means = tracker.flush()  # raises NonFiniteLoss before anything is saved
+            if rank == 0:
+                dt = (time.time() - t_log) / max(1, step - log_step0)
+                row = {"step": step, "total_steps": tc.max_steps, **{k: v for k, v in means.items() if k != "grad_norm"},
+                       "lr": lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
+                       "img_per_s": cfg.data.batch_size * world_size * tc.accum_steps / max(dt, 1e-9)}
+                log_step(out_dir, row, bar)
+            t_log, log_step0 = time.time(), step
+        if rank == 0 and (step % tc.preview_every == 0 or last) and cfg.loss.lambda_rec > 0:
+            with torch.no_grad(), autocast():
+                student.vtp.eval()
+                save_preview(os.path.join(out_dir, "previews", f"recon_{step:07d}.png"), preview, student.vtp(preview))
+                student.vtp.train()
+        if step % tc.ckpt_every == 0 or last:
+            checkpoint(step)
+    if bar is not None:
+        bar.close()
+    del model, fwd  # DDP wrappers go before the process group (gloo aborts at exit otherwise)
+    return student
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: decoder-only GAN fine-tuning (RECIPE §1.3, §5)
+
+
+def load_stage1(cfg: Config):
+    """The stage-1 checkpoint stage 2 starts from: --train.init_from (file or folder), else the latest in out_dir."""
+    src = cfg.train.init_from or cfg.train.out_dir
+    path = latest_checkpoint(src) if os.path.isdir(src) else src
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"stage 2 needs a stage-1 checkpoint: none found at {src!r} "
+                                "(run stage 1 first, or pass --train.init_from=PATH)")
+    return path, torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_stage2(cfg: Config, rank, world_size, device):
+    tc, lc = cfg.train, cfg.loss
+    out_dir = os.path.join(tc.out_dir, "stage2")
+    resume_path = latest_checkpoint(out_dir) if tc.resume else None
+    src_path, ckpt = (resume_path, torch.load(resume_path, map_location="cpu", weights_only=True)) if resume_path \
+        else load_stage1(cfg)
+    # the network is the stage-1 one; training settings come from this command line
+    src_cfg = Config.from_dict(ckpt["config"])
+    cfg.encoder, cfg.decoder, cfg.text, cfg.head = src_cfg.encoder, src_cfg.decoder, src_cfg.text, src_cfg.head
+    torch.manual_seed(tc.seed)
+    tokenizer = data.tokenizer_from_state(ckpt["tokenizer"])
+    data_cfg = copy.deepcopy(cfg)  # stage 2 needs only the images: no local crops, the smallest SSL subset
+    data_cfg.data.num_local_crops, data_cfg.data.ssl_batch_size = 0, 1
+    loader = data.build_pretrain_loader(data_cfg, tokenizer, rank, world_size)
+
+    vtp = VTP(cfg)
+    vtp.load_state_dict(ckpt["model"])
+    vtp.to(device).requires_grad_(False).eval()  # frozen encoder and bottleneck (eval: no stochastic depth)
+    decoder = vtp.pixel_decoder.requires_grad_(True).train()
+    disc = losses.PatchDiscriminator(3, lc.disc_channels, lc.disc_layers).to(device)
+    rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path).to(device)
+    opt_g = torch.optim.AdamW(decoder.parameters(), lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                              weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                              weight_decay=0.0)
+    autocast, _ = amp_setup(cfg, device)
+    step = 0
+    if resume_path:
+        disc.load_state_dict(ckpt["discriminator"])
+        opt_g.load_state_dict(ckpt["optimizer"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        loader.load_state_dict(ckpt["data"])
+        step = ckpt["step"]
+        print0(f"resumed stage 2 from {resume_path} at step {step}")
+    dec = DDP(decoder) if world_size > 1 else decoder  # the discriminator stays outside DDP (grads all-reduced)
+    print0(f"stage 2 from {src_path} | decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, "
+           f"discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M | GAN from step {lc.gan_start}")
+
+    preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
+    bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
+    tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    while step < tc.max_steps:
+        torch.manual_seed(tc.seed + 1_000_003 * rank + step)
+        x = next(loader)["images"].to(device)  # (B, 3, H, W)
+        with torch.no_grad(), autocast():
+            z = vtp.encode(x)
+        gan_on = step >= lc.gan_start
+        # 1) decoder: L1 + LPIPS + adaptive hinge GAN (discriminator frozen for this pass)
+        disc.requires_grad_(False)
+        with autocast():
+            recon = dec(z)
+            rec = rec_loss(recon, x)
+            logits_fake = disc(recon) if gan_on else None
+        g = losses.gan_generator_loss(rec["total"], logits_fake, decoder.proj_out.weight, step, lc.gan_weight,
+                                      lc.gan_start, lc.gan_max_adaptive)
+        g["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip or float("inf"))
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        # 2) discriminator: hinge loss on real images vs. the (detached) reconstructions
+        terms = {"l1": rec["l1"], "lpips": rec["lpips"], "gan": g["gan"], "adaptive_weight": g["adaptive_weight"],
+                 "total": g["total"], "grad_norm": grad_norm}
+        if gan_on:
+            disc.requires_grad_(True)
+            with autocast():
+                d_loss = losses.hinge_d_loss(disc(x), disc(recon.detach()))
+            d_loss.backward()
+            for p in disc.parameters():  # average over processes: the discriminator is not DDP-wrapped
+                p.grad = losses.all_reduce_sum(p.grad) / world_size
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            terms["disc"] = d_loss
+        tracker.add(terms, step + 1)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+
+        last = step == tc.max_steps
+        if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
+            means = tracker.flush()
+            if rank == 0:
+                dt = (time.time() - t_log) / max(1, step - log_step0)
+                row = {"step": step, "total_steps": tc.max_steps, **{k: v for k, v in means.items() if k != "grad_norm"},
+                       "lr": cfg.optim.stage2_lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
+                       "img_per_s": x.shape[0] * world_size / max(dt, 1e-9)}
+                log_step(out_dir, row, bar)
+            t_log, log_step0 = time.time(), step
+        if rank == 0 and (step % tc.preview_every == 0 or last):
+            with torch.no_grad(), autocast():
+                decoder.eval()
+                save_preview(os.path.join(out_dir, "previews", f"recon_{step:07d}.png"), preview, vtp(preview))
+                decoder.train()
+        if step % tc.ckpt_every == 0 or last:
+            check_ranks_in_sync(decoder, rank, world_size)
+        if rank == 0 and (step % tc.ckpt_every == 0 or last):
+            save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), {
+                "model": vtp.state_dict(), "discriminator": disc.state_dict(), "optimizer": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(), "step": step, "stage": 2, "config": cfg.to_dict(),
+                "tokenizer": ckpt["tokenizer"], "data": loader.state_dict(), "init_from": src_path})
+    if bar is not None:
+        bar.close()
+    del dec
+    return vtp
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """Parse the config, set up compute, run stage 1 or 2; returns the trained VTP (raw module)."""
+    cfg = parse_config(argv)
+    rank, world_size, _, device = setup_distributed(cfg.train.device)
+    try:
+        out_dir = cfg.train.out_dir if cfg.train.stage == 1 else os.path.join(cfg.train.out_dir, "stage2")
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            print0("config:\n" + config_summary(cfg))
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        train = train_stage1 if cfg.train.stage == 1 else train_stage2
+        return train(cfg, rank, world_size, device)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
