@@ -615,7 +615,7 @@ def find_resume_checkpoint(d, fingerprint):
     resume = latest_checkpoint(d.out_dir)
     if resume is None:
         return None, None
-    ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    ckpt = torch.load(resume, map_location="cpu", weights_only=True)
     if ckpt["tokenizer"]["fingerprint"] != fingerprint:
         raise ValueError(f"{resume} was trained on the latents of tokenizer {ckpt['tokenizer']['path']} (fingerprint "
                          f"{ckpt['tokenizer']['fingerprint']}), but --tokenizer={d.tokenizer} has fingerprint "
@@ -743,7 +743,7 @@ def load_dit(path, device="cpu"):
         path = found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DiT checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     dit = build_dit(**ckpt["dit_args"])
     dit.load_state_dict(ckpt["ema"])
     return dit.to(device).eval().requires_grad_(False), ckpt

@@ -236,8 +236,8 @@ def test_resume_gives_identical_losses_and_parameters(tokenizer, tmp_path):
     for key in ("loss", "mse", "cos", "grad_norm"):
         assert [r[key] for r in ma] == [r[key] for r in mb], key
     assert len({r["loss"] for r in ma}) == 4  # the steps do differ
-    ca = torch.load(os.path.join(a, "ckpt_0000004.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "ckpt_0000004.pt"), weights_only=False)
+    ca = torch.load(os.path.join(a, "ckpt_0000004.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "ckpt_0000004.pt"), weights_only=True)
     for part in ("model", "ema"):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
     assert ca["data_position"] == cb["data_position"] == {"epoch": 0, "offset": 32}
@@ -261,7 +261,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tokenizer, tm
         main(run_args(tokenizer, out, "--dit.max_steps=6", "--dit.ckpt_every=2", "--dit.log_every=10"))
     ckpts = sorted(n for n in os.listdir(out) if n.startswith("ckpt_"))
     assert ckpts == ["ckpt_0000002.pt"]
-    ck = torch.load(os.path.join(out, ckpts[0]), weights_only=False)
+    ck = torch.load(os.path.join(out, ckpts[0]), weights_only=True)
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -391,7 +391,7 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     cache = LatentCache(os.path.join(out, "latents"))
     assert sorted(cache.index.tolist()) == list(range(64))
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]  # one log (rank 0), averaged over ranks
-    ck = torch.load(os.path.join(out, "ckpt_0000003.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "ckpt_0000003.pt"), weights_only=True)
     assert ck["rng"]["world_size"] == 2 and ck["data_position"] == {"epoch": 0, "offset": 48}
     # 2-process sampling writes the same images as one process
     r = _torchrun(["sample", f"--dit.out_dir={out}", "--dit.num_samples=5", "--dit.num_sample_steps=3",
