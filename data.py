@@ -99,7 +99,7 @@ def _normalize_uint8(x):
 
 
 def _stack_uint8(images):
-    """Same-size PIL RGB images -> uint8 (N, 3, H, W); stacked as (N, H, W, 3) first (stacking permuted views is slow)."""
+    """Same-size PIL RGB images -> uint8 (N, 3, H, W), stacked as (N, H, W, 3) first (permuted views stack slowly)."""
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
@@ -421,7 +421,8 @@ def tokenizer_from_state(state):
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
 SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
-               "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"), "cross": ("cross", "plus sign"),
+               "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"),
+               "cross": ("cross", "plus sign"),
                "ring": ("ring", "hoop"), "hexagon": ("hexagon",)}
 COLORS = {"red": (220, 38, 38), "orange": (245, 140, 30), "yellow": (245, 215, 40), "green": (40, 170, 70),
           "cyan": (40, 200, 215), "blue": (40, 80, 220), "purple": (140, 60, 190), "pink": (245, 130, 190),
@@ -550,28 +551,25 @@ class BuiltinScenes:
         return pick(templates).format(**parts)
 
 
+def _regular(n, start, radii=(1.0,)):
+    """n unit-polygon vertices at angles start + 2*pi*k/n, with radii cycling through `radii` (a star alternates)."""
+    return [(radii[k % len(radii)] * math.cos(start + 2 * math.pi * k / n),
+             radii[k % len(radii)] * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
+
+
+_A = CROSS_ARM
+UNIT_POLYGONS = {  # vertices of the polygonal shapes with circumradius 1, y pointing down
+    "square": _regular(4, math.pi / 4), "triangle": _regular(3, -math.pi / 2), "hexagon": _regular(6, 0.0),
+    "star": _regular(10, -math.pi / 2, (1.0, STAR_INNER)),
+    "diamond": [(0, -1), (DIAMOND_WIDTH, 0), (0, 1), (-DIAMOND_WIDTH, 0)],
+    "cross": [(-_A, -1), (_A, -1), (_A, -_A), (1, -_A), (1, _A), (_A, _A), (_A, 1), (-_A, 1), (-_A, _A), (-1, _A),
+              (-1, -_A), (-_A, -_A)]}
+
+
 def _shape_polygon(shape, cx, cy, r, angle):
     """Vertices (x, y) of a polygonal shape of circumradius r centred at (cx, cy), rotated by `angle`."""
-    turn = lambda k, n, start: start + 2 * math.pi * k / n  # noqa: E731
-    if shape == "square":
-        pts = [(math.cos(a), math.sin(a)) for a in (turn(k, 4, math.pi / 4) for k in range(4))]
-    elif shape == "triangle":
-        pts = [(math.cos(a), math.sin(a)) for a in (turn(k, 3, -math.pi / 2) for k in range(3))]
-    elif shape == "hexagon":
-        pts = [(math.cos(a), math.sin(a)) for a in (turn(k, 6, 0.0) for k in range(6))]
-    elif shape == "star":
-        pts = [((1 if k % 2 == 0 else STAR_INNER) * math.cos(a), (1 if k % 2 == 0 else STAR_INNER) * math.sin(a))
-               for k, a in ((k, turn(k, 10, -math.pi / 2)) for k in range(10))]
-    elif shape == "diamond":
-        pts = [(0, -1), (DIAMOND_WIDTH, 0), (0, 1), (-DIAMOND_WIDTH, 0)]
-    elif shape == "cross":
-        a = CROSS_ARM
-        pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a),
-               (-a, -a)]
-    else:
-        raise ValueError(f"unknown polygon shape {shape!r}")
     c, s = math.cos(angle), math.sin(angle)
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in UNIT_POLYGONS[shape]]
 
 
 def _object_alpha(obj, size):
@@ -736,8 +734,8 @@ class JsonlCaptions(_ImageList):
         return self.items[i][1]
 
 
-IMAGENET_CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
-                              "a photo of the {}.", "a good photo of a {}.")
+IMAGENET_CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.",
+                              "a close-up photo of a {}.", "a photo of the {}.", "a good photo of a {}.")
 
 
 class ImageFolderClasses(_ImageList):
@@ -1075,7 +1073,8 @@ class _MapBatches(torch.utils.data.IterableDataset):
     def batch(self, t):
         epoch, n = divmod(t, self.batches_per_epoch)
         if self._order[0] != epoch:  # one permutation per epoch, cached
-            self._order = (epoch, torch.randperm(len(self.dataset), generator=_generator(_seed("epoch", self.seed, epoch))))
+            g = _generator(_seed("epoch", self.seed, epoch))
+            self._order = (epoch, torch.randperm(len(self.dataset), generator=g))
         samples, seeds = [], []
         for j in range(self.B):
             p = (n * self.B + j) * self.world_size + self.rank

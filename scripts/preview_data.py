@@ -49,15 +49,18 @@ def sample_grid(dataset, n):
 
 
 def crops_panel(batch, patch_size, n_images=4):
-    """Rows = SSL images; columns = global crop 1, 2 (iBOT-masked patches darkened), then the local crops."""
-    to_img = lambda x: Image.fromarray((data.denormalize(x).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())  # noqa: E731
+    """Rows = SSL images; columns = global crops 1, 2 (iBOT-masked patches darkened), then the local crops at scale."""
+    def to_img(x):  # normalized (3, H, W) -> PIL
+        return Image.fromarray((data.denormalize(x).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
+
     b_ssl = len(batch["ssl_index"])
     n_local = len(batch["local_crops"]) // b_ssl
     S = batch["global_crops"].shape[-1]
     grid_side = S // patch_size
     scale = max(1, CELL // S)
     side = S * scale
-    panel = Image.new("RGB", ((2 + n_local) * side, min(n_images, b_ssl) * side), "white")
+    local_side = batch["local_crops"].shape[-1] * scale if n_local else 0
+    panel = Image.new("RGB", (2 * side + n_local * local_side, min(n_images, b_ssl) * side), "white")
     for i in range(min(n_images, b_ssl)):
         for c in range(2):
             row = c * b_ssl + i  # crop-major
@@ -67,9 +70,9 @@ def crops_panel(batch, patch_size, n_images=4):
             x = torch.where(dark, data.normalize(data.denormalize(x) * 0.3), x)
             panel.paste(to_img(x).resize((side, side), Image.Resampling.NEAREST), (c * side, i * side))
         for c in range(n_local):
-            crop = to_img(batch["local_crops"][c * b_ssl + i])
-            small = crop.resize((crop.width * scale, crop.height * scale), Image.Resampling.NEAREST)
-            panel.paste(small, ((2 + c) * side, i * side))
+            crop = to_img(batch["local_crops"][c * b_ssl + i])  # crop-major
+            crop = crop.resize((local_side, local_side), Image.Resampling.NEAREST)
+            panel.paste(crop, (2 * side + c * local_side, i * side))
     return panel
 
 
