@@ -91,16 +91,15 @@ def _to_uint8(img):
     return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
 
 
-def _normalize_uint8(x):
-    """uint8 (..., 3, H, W) -> ImageNet-normalized float32, computed in place on the new float tensor."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    return x.float().sub_(mean).div_(std)
-
-
-def _stack_uint8(images):
-    """Same-size PIL RGB images -> uint8 (N, 3, H, W), stacked as (N, H, W, 3) first (permuted views stack slowly)."""
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+def _stack_normalized(images):
+    """
+    Same-size PIL RGB images -> ImageNet-normalized float32 (N, 3, H, W). Done in numpy, single-threaded: small torch
+    ops with intra-op threads are several times slower in a busy main process (num_workers=0).
+    """
+    x = np.stack([np.asarray(im.convert("RGB")) for im in images]).astype(np.float32)  # (N, H, W, 3)
+    x -= np.array(IMAGENET_MEAN, dtype=np.float32) * 255
+    x /= np.array(IMAGENET_STD, dtype=np.float32) * 255
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (N, 3, H, W)
 
 
 def _rand(g):
@@ -1011,22 +1010,21 @@ class BatchMaker:
         g = _generator(batch_seed)
         ssl_index = torch.randperm(B, generator=g)[: d.ssl_batch_size].sort().values
         rec_index = torch.randperm(B, generator=g)[: d.rec_batch_size].sort().values
-        images = _stack_uint8([adm_center_crop(s["image"], S) for s in samples])  # (B, 3, S, S)
+        images = _stack_normalized([adm_center_crop(s["image"], S) for s in samples])  # (B, 3, S, S)
         views = [[] for _ in range(2 + d.num_local_crops)]  # views[c][i]: crop c of SSL image i
         for i in ssl_index.tolist():
             crops = multicrop(samples[i]["image"], _generator(sample_seeds[i]), S, self.local_size, d.num_local_crops,
                               d.global_crop_scale, d.local_crop_scale, self.blur_sigma)
             for c, crop in enumerate(crops):
                 views[c].append(crop)
-        global_crops = _stack_uint8(views[0] + views[1])  # (2*B_ssl, 3, S, S), crop-major
-        local_crops = (_stack_uint8([x for v in views[2:] for x in v]) if d.num_local_crops
-                       else torch.empty(0, 3, self.local_size, self.local_size, dtype=torch.uint8))
+        global_crops = _stack_normalized(views[0] + views[1])  # (2*B_ssl, 3, S, S), crop-major
+        local_crops = (_stack_normalized([x for v in views[2:] for x in v]) if d.num_local_crops
+                       else torch.empty(0, 3, self.local_size, self.local_size))  # (n_local*B_ssl, 3, s, s)
         masks = make_masks(len(global_crops), S // self.patch_size, d.mask_prob, d.mask_ratio, d.mask_min_patches,
                            d.mask_aspect, g)  # (2*B_ssl, N)
         captions = [s["caption"] for s in samples]
-        images = _normalize_uint8(images)
         batch = {"images": images, "tokens": self.tokenizer(captions), "captions": captions,
-                 "global_crops": _normalize_uint8(global_crops), "local_crops": _normalize_uint8(local_crops),
+                 "global_crops": global_crops, "local_crops": local_crops,
                  "masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
                  "rec_images": images[rec_index], "ssl_index": ssl_index, "rec_index": rec_index}
         if "label" in samples[0]:
@@ -1271,8 +1269,8 @@ def build_pretrain_loader(cfg, tokenizer, rank=0, world_size=1):
 
 def _eval_batch(samples, indices, image_size):
     """Samples -> {"images": (b, 3, S, S) normalized ADM centre crops, "captions", "index", ["labels"]}."""
-    images = _stack_uint8([adm_center_crop(s["image"], image_size) for s in samples])  # (b, 3, S, S)
-    batch = {"images": _normalize_uint8(images), "captions": [s["caption"] for s in samples],
+    images = _stack_normalized([adm_center_crop(s["image"], image_size) for s in samples])  # (b, 3, S, S)
+    batch = {"images": images, "captions": [s["caption"] for s in samples],
              "index": torch.tensor(indices, dtype=torch.long)}
     if "label" in samples[0]:
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)

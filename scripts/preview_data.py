@@ -114,9 +114,10 @@ def main(argv=None):
     print(f"pipeline: B={d.batch_size} (SSL {d.ssl_batch_size} x [2 global + {d.num_local_crops} local], "
           f"rec {d.rec_batch_size}), num_workers={d.num_workers}, torch threads={torch.get_num_threads()}")
     print(f"  {cfg.encoder.image_size:>3} px (patch {cfg.encoder.patch_size}, local {data.local_crop_size(cfg)}): "
-          f"{samples_per_second(cfg, 10):7.1f} samples/s")
+          f"{samples_per_second(cfg, max(10, 4 * d.num_workers)):7.1f} samples/s")
     big = parse_config(argv + ["--encoder.image_size=256", "--encoder.patch_size=16"])
-    print(f"  256 px (patch 16, local {data.local_crop_size(big)}): {samples_per_second(big, 3):7.1f} samples/s")
+    n = max(3, 3 * d.num_workers)  # enough batches that prefetching at start-up does not inflate the rate
+    print(f"  256 px (patch 16, local {data.local_crop_size(big)}): {samples_per_second(big, n):7.1f} samples/s")
 
 
 if __name__ == "__main__":
