@@ -637,6 +637,16 @@ def restore(ckpt, dit, ema, opt, scaler, world_size):
     return ckpt["step"]
 
 
+def trim_metrics(out_dir, step):
+    """Drop the metrics.jsonl rows of steps after `step` (logged by a killed run after its last checkpoint)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
 def main(argv=None):
     """Train a class-conditional DiT on the tokenizer's latents; see the module docstring for the CLI."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -673,7 +683,8 @@ def main(argv=None):
     # 5. optimizer (constant lr, no schedule) and resume
     opt = torch.optim.AdamW(dit.parameters(), lr=d.lr, betas=d.betas, weight_decay=d.weight_decay)
     step = restore(ckpt, dit, ema, opt, scaler, world_size) if ckpt is not None else 0
-    if ckpt is not None:
+    if ckpt is not None and rank == 0:
+        trim_metrics(d.out_dir, step)
         print0(f"resumed from {resume} at step {step}")
     model = DDP(dit, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else dit
     model = torch.compile(model) if d.compile else model
@@ -778,7 +789,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
     ema, ckpt = load_dit(ckpt_path, device)
     d = Config.from_dict(ckpt["config"]).dit
     vtp = _tokenizer_of(ckpt, device)
-    amp = autocast(device, amp_dtype(d.amp, device))
+    amp = autocast(device, amp_dtype(d.amp if device.type == "cuda" else "fp32", device))
     fm = FlowMatching(ema.num_classes)
     mean, std = (ckpt["latent_stats"][k].to(device) for k in ("mean", "std"))
     steps = num_steps or d.num_sample_steps
@@ -788,7 +799,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
     shape = (ema.in_channels, ema.input_size, ema.input_size)
     size = ema.input_size * vtp.patch_size
     out = np.zeros((len(indices), size, size, 3), dtype=np.uint8)
-    for start in range(0, len(indices), batch_size):
+    for start in tqdm(range(0, len(indices), batch_size), desc="sampling", disable=rank != 0):
         idx = indices[start: start + batch_size]
         noise = torch.stack([image_noise(seed, i, shape) for i in idx]).to(device)  # (b, C, h, w)
         y = torch.as_tensor(idx % ema.num_classes).to(device)

@@ -230,6 +230,8 @@ def test_resume_gives_identical_losses_and_parameters(tokenizer, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(run_args(tokenizer, a, "--dit.max_steps=4", "--dit.ckpt_every=2"))
     main(run_args(tokenizer, b, "--dit.max_steps=2", "--dit.ckpt_every=2"))
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # as if killed after logging step 3, before its ckpt
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     main(run_args(tokenizer, b, "--dit.max_steps=4", "--dit.ckpt_every=2"))  # resumes from ckpt_0000002.pt
     ma, mb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
