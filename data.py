@@ -218,6 +218,7 @@ CLIP_NUM_MERGES = 49408 - 256 - 256 - 2  # CLIP uses the first 48894 merges of b
 _PRINTABLE = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
 CLIP_BYTE_ORDER = _PRINTABLE + [b for b in range(256) if b not in _PRINTABLE]
 _CLIP_CHARS = [chr(b) if r < len(_PRINTABLE) else chr(256 + r - len(_PRINTABLE)) for r, b in enumerate(CLIP_BYTE_ORDER)]
+_CLIP_RANK = {b: r for r, b in enumerate(CLIP_BYTE_ORDER)}  # byte -> its CLIP token id
 
 
 def _merge(ids, pair, new_id):
@@ -280,7 +281,7 @@ class BPETokenizer:
 
     # --- training (kind="bytes") ---
 
-    def train(self, texts, verbose=False):
+    def train(self, texts):
         """
         Learn vocab_size - 258 merges from `texts` (minbpe's algorithm on pre-tokenized chunks, counted once per
         distinct chunk; pair counts are updated incrementally so a few thousand captions take about a second).
@@ -312,8 +313,6 @@ class BPETokenizer:
                     stats[p] += freqs[w]
                     where[p].add(w)
             stats.pop(pair, None)
-            if verbose:
-                print(f"merge {new_id - 255}: {pair} -> {new_id} ({self.vocab.get(pair[0])}+{self.vocab.get(pair[1])})")
         self._set_merges(merges)
         return self
 
@@ -352,7 +351,7 @@ class BPETokenizer:
         if self.kind == "bytes":
             ids = list(chunk.encode("utf-8"))
         else:
-            ids = [CLIP_BYTE_ORDER.index(b) for b in chunk.encode("utf-8")]
+            ids = [_CLIP_RANK[b] for b in chunk.encode("utf-8")]
             ids[-1] += 256  # the last byte of a word carries `</w>`
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
@@ -374,7 +373,8 @@ class BPETokenizer:
         return out
 
     def decode(self, ids):
-        """list of token ids -> str. Skips the start token and stops at the end token, so a padded row works."""
+        """list of token ids -> str. Stops at the end token and drops ids without bytes (start token, unused ids),
+        so a padded row from __call__ decodes to its text."""
         parts = []
         for i in ids:
             i = int(i)
@@ -837,7 +837,8 @@ class TarShards:
         """
         The samples of reader `reader` of `num_readers` (rank * workers_per_rank + worker) in `epoch`: shards in a
         per-epoch random order, reader r takes shards r, r + num_readers, ... (or, with fewer shards than readers,
-        every shard and the key groups k with k % num_readers == r). Every sample is read by exactly one reader.
+        every shard and the key groups k of shard s with (k + s) % num_readers == r). Every sample goes to exactly
+        one reader.
         Yields (cursor, k, shard, sample or None if skipped) from position start = (cursor, k) on.
         """
         order = torch.randperm(len(self.urls), generator=_generator(_seed("shards", seed, epoch))).tolist()
@@ -845,7 +846,7 @@ class TarShards:
         for cursor in range(start[0], len(mine)):
             first = start[1] if cursor == start[0] else 0
             for k, key, files in self.read_shard(mine[cursor], first):
-                if k % stride != reader % stride:
+                if (k + mine[cursor]) % stride != reader % stride:
                     continue
                 try:
                     sample = _decode_tar_sample(files)
@@ -1138,7 +1139,8 @@ class _TarBatches(torch.utils.data.IterableDataset):
                     yield batch
                     samples, seeds, first = [], [], None
             if got == 0 and whole_epoch:
-                raise RuntimeError(f"tar reader {reader}/{num_readers}: a whole epoch without a usable sample")
+                raise RuntimeError(f"tar reader {reader} of {num_readers}: a whole epoch without a usable sample "
+                                   "(fewer samples than readers? lower data.num_workers)")
             epoch, cursor, k = epoch + 1, 0, 0
 
     def advance(self, position):
@@ -1147,8 +1149,8 @@ class _TarBatches(torch.utils.data.IterableDataset):
         self.consumed += 1
 
     def state_dict(self):
-        return {"epoch": min(p[0] for p in self.positions), "offset": self.consumed, "positions": self.positions,
-                "world_size": self.world_size}
+        return {"epoch": min(p[0] for p in self.positions), "offset": self.consumed,
+                "positions": [list(p) for p in self.positions], "world_size": self.world_size}
 
     def load_state_dict(self, state):
         if len(state.get("positions", [])) == self.num_readers and state.get("world_size") == self.world_size:

@@ -217,7 +217,7 @@ def make_shards(folder, sizes):
     return good
 
 
-@pytest.mark.parametrize("sizes", [(3, 4, 2, 5, 1), (4, 2, 3)])  # more shards than readers, and fewer
+@pytest.mark.parametrize("sizes", [(3, 4, 2, 5, 1), (2, 2, 3)])  # more shards than readers, and fewer
 def test_tar_shards_split_over_2_ranks_x_2_workers_cover_every_sample_once(tmp_path, sizes):
     good = make_shards(tmp_path, sizes)
     shards = data.TarShards(str(tmp_path / f"{{00000..{len(sizes) - 1:05d}}}.tar"))
@@ -227,9 +227,9 @@ def test_tar_shards_split_over_2_ranks_x_2_workers_cover_every_sample_once(tmp_p
         for rank in range(2):
             for worker in range(2):
                 reader = rank * 2 + worker
-                for _, _, _, sample in shards.stream(epoch, reader, 4, seed=0):
-                    if sample is not None:
-                        seen[sample["caption"]] += 1
+                mine = [s["caption"] for _, _, _, s in shards.stream(epoch, reader, 4, seed=0) if s is not None]
+                assert mine, reader  # every reader gets work, even with fewer shards than readers
+                seen.update(mine)
         assert seen == Counter(good)
     assert shards.skips.count == 4  # the caption-less and the corrupt sample, in each of 2 epochs
     assert sorted(s["caption"] for s in shards) == sorted(good)
