@@ -324,6 +324,13 @@ def load_tokenizer(path, device):
     return vtp.requires_grad_(False), tok_cfg
 
 
+def tokenizer_file(path):
+    """The checkpoint file `--tokenizer` resolves to (a folder's latest ckpt_*.pt; a released folder as is)."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.safetensors")):
+        return os.path.abspath(latest_checkpoint(path) or path)
+    return os.path.abspath(path)
+
+
 def cache_signature(cfg, tok_cfg, fingerprint):
     """What a latent cache depends on; a cache whose meta.json differs in any of these is rebuilt."""
     e, d = tok_cfg.encoder, cfg.data
@@ -695,7 +702,7 @@ def main(argv=None):
                 "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
                 "config": cfg.to_dict(), "dit_args": dit_args, "latent_stats": {"mean": cache.mean, "std": cache.std},
                 "tokenizer": {"path": d.tokenizer, "abs_path": os.path.abspath(d.tokenizer),
-                              "fingerprint": fingerprint},
+                              "file": tokenizer_file(d.tokenizer), "fingerprint": fingerprint},
                 "data_position": sampler.position(step),
                 "rng": {"seed": d.seed, "world_size": world_size, "rule": "generators seeded by (seed, rank, step)"}}
 
@@ -761,13 +768,17 @@ def load_dit(path, device="cpu"):
 
 
 def _tokenizer_of(ckpt, device):
-    """The tokenizer a DiT checkpoint was trained on: its path as given, else its absolute path at training time."""
+    """The tokenizer a DiT checkpoint was trained on: the first of its path as given, its absolute path and the
+    exact checkpoint file used at training time whose encoder still has the recorded fingerprint (a folder's latest
+    checkpoint may since be a later stage-1 step; a stage-2 one keeps the encoder and so the fingerprint)."""
     tok = ckpt["tokenizer"]
-    path = tok["path"] if os.path.exists(tok["path"]) else tok["abs_path"]
-    vtp, _ = load_tokenizer(path, device)
-    if tokenizer_fingerprint(vtp) != tok["fingerprint"]:
-        raise ValueError(f"tokenizer {path} no longer matches the DiT checkpoint (fingerprint changed)")
-    return vtp
+    for path in dict.fromkeys((tok["path"], tok["abs_path"], tok.get("file", ""))):
+        if path and os.path.exists(path):
+            vtp, _ = load_tokenizer(path, device)
+            if tokenizer_fingerprint(vtp) == tok["fingerprint"]:
+                return vtp
+    raise FileNotFoundError(f"no tokenizer with fingerprint {tok['fingerprint']} at {tok['path']!r} or "
+                            f"{tok.get('file', '')!r}: the DiT's tokenizer was moved or changed")
 
 
 def image_noise(seed, index, shape):

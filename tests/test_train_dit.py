@@ -3,6 +3,7 @@ NaN handling, a 2-process gloo run and an end-to-end cache -> train -> sample sm
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -293,6 +294,24 @@ def test_tokenizer_errors_and_cache_rebuild(tokenizer, tmp_path):
                               atol=1e-5)
     with pytest.raises(ValueError, match="fingerprint"):
         main(run_args(other, out, "--dit.max_steps=2"))
+
+
+def test_sampling_uses_the_tokenizer_file_the_dit_was_trained_on(tokenizer, tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(tokenizer, folder / "ckpt_0000000.pt")
+    out = str(tmp_path / "run")
+    main(run_args(str(folder), out, "--dit.max_steps=1"))
+    ref, _ = sample_images(out, 2, num_steps=2)
+    # a later stage-1 checkpoint in the folder (another encoder) does not change what the DiT decodes with
+    torch.manual_seed(5)
+    tcfg = tiny_tokenizer_cfg()
+    save_checkpoint(str(folder / "ckpt_0000100.pt"), {"model": VTP(tcfg).state_dict(), "config": tcfg.to_dict(),
+                                                      "tokenizer": None, "step": 100, "stage": 1})
+    assert np.array_equal(sample_images(out, 2, num_steps=2)[0], ref)
+    os.remove(folder / "ckpt_0000000.pt")
+    with pytest.raises(FileNotFoundError, match="fingerprint"):
+        sample_images(out, 2, num_steps=2)
 
 
 def test_cache_of_an_imagenet_style_folder(tokenizer, tmp_path):
