@@ -21,6 +21,11 @@ The file reads top to bottom:
   4. `main()`: config -> compute setup -> tokenizer + latent cache -> model -> optimizer -> loop -> final save;
   5. sampling: `sample_images()` (also used by evaluate.py) and the `sample` sub-command.
 
+Paper settings (RECIPE §7): XL (or S/B) with patch 1, AdamW 2e-4, betas (0.9, 0.95), global batch 1024, 100k
+steps, EMA 0.9999 (the preset default), logit-normal t with (-0.5, 1.25) for S/B and `--dit.t_mu=-0.75
+--dit.t_sigma=1.0` for L, Euler 250 steps with s = 0.075. The latent cache is float32 and memory-mapped: ImageNet
+at f16d64 (64 x 16 x 16, two flips) takes about 170 GB of disk.
+
 Randomness: the draws of step k on rank r (flips, timesteps, noise, label dropout) come from generators seeded with
 (seed, r, k), and the data order is one seeded permutation per epoch. The step number is therefore the whole RNG
 state and the data position, and a run resumed from a checkpoint repeats the losses of an uninterrupted one.
