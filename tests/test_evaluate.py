@@ -290,7 +290,7 @@ def _blobs(n_per_class, num_classes, dim, seed):
 def test_linear_probe_separable_features():
     tx, ty = _blobs(40, 4, 16, 0)
     vx, vy = _blobs(10, 4, 16, 1)
-    res = ev.linear_probe(tx, ty, vx, vy, 4, lrs=(0.01, 0.1), epochs=20, batch_size=32)
+    res = ev.linear_probe(tx, ty, vx, vy, 4, lrs=(0.01, 0.1), epochs=10, batch_size=32)
     assert res["top1"] == 100.0 and res["best_lr"] in (0.01, 0.1)
     assert set(res["per_lr"]) == {"0.01", "0.1"}
 
@@ -421,9 +421,9 @@ def test_cli_all_with_inception_weights(tiny_ckpt, tmp_path, inception_file, mon
     seen = []
     monkeypatch.setattr(ev, "frechet_distance", lambda *stats: seen.append(stats) or 1.0)
     npz = tmp_path / "gen.npz"
-    np.savez(npz, arr_0=_real_images(4)[::-1])  # the reference images, in another order
+    np.savez(npz, arr_0=_real_images(3)[::-1])  # the reference images, in another order
     res = ev.main(["all", f"--ckpt={tiny_ckpt}", f"--gen_npz={npz}", f"--eval.inception_path={inception_file}",
-                   f"--eval.out={tmp_path / 'r.json'}", "--eval.num_images=4"] + SMALL[1:])
+                   f"--eval.out={tmp_path / 'r.json'}", "--eval.num_images=3"] + SMALL[1:])
     assert res["fd_metric"] == "FID"
     assert res["recon"]["rFID"] == 1.0 and "rFD_vtp" not in res["recon"]
     assert res["gen"]["gFID"] == 1.0 and res["gen"]["fd_space"] == "inception-2015-12-05"
@@ -438,9 +438,10 @@ def test_cli_gen_samples_a_dit_checkpoint(tiny_ckpt, tmp_path):
 
     dit_dir = str(tmp_path / "dit")
     train_dit.main([f"--tokenizer={tiny_ckpt}", f"--dit.out_dir={dit_dir}", "--dit.max_steps=1", "--dit.batch_size=8",
-                    "--dit.num_cache_images=8", "--dit.stats_images=8", "--dit.num_sample_steps=2"])
+                    "--dit.num_cache_images=8", "--dit.stats_images=8", "--dit.num_sample_steps=2",
+                    "--dit.grid_classes=1", "--dit.grid_per_class=2"])
     gen = ev.main(["gen", f"--dit_ckpt={dit_dir}", "--eval.num_gen=4", "--eval.gen_steps=2",
-                   f"--eval.out={tmp_path / 'r.json'}"] + SMALL)["gen"]
+                   f"--eval.out={tmp_path / 'r.json'}", "--eval.num_images=8"] + SMALL[1:])["gen"]
     # No --ckpt: FD_vtp is measured with the tokenizer the DiT was trained on.
     assert gen["num_samples"] == 4 and gen["gFD_vtp"] > 0 and gen["fd_space"] == f"vtp:{tiny_ckpt}"
     assert gen["source"].startswith(dit_dir) and os.path.isfile(gen["grid_png"])
