@@ -224,17 +224,17 @@ class Tracker:
     """
 
     def __init__(self, world_size=1):
-        self.world_size, self.sums, self.first_bad, self.n = world_size, {}, {}, 0
+        self.world_size, self.sums, self.counts, self.first_bad = world_size, {}, {}, {}
 
     def add(self, terms, step):
         for k, v in terms.items():
             v = v.detach().float()
             if k not in self.sums:
-                self.sums[k], self.first_bad[k] = torch.zeros_like(v), torch.full_like(v, -1)
+                self.sums[k], self.counts[k], self.first_bad[k] = torch.zeros_like(v), 0, torch.full_like(v, -1)
             bad = ~torch.isfinite(v) & (self.first_bad[k] < 0)
             self.first_bad[k] = torch.where(bad, torch.full_like(v, step), self.first_bad[k])
             self.sums[k] += v
-        self.n += 1
+            self.counts[k] += 1
 
     def flush(self):
         keys = list(self.sums)
@@ -246,8 +246,9 @@ class Tracker:
                 step = int(self.first_bad[k].item()) if self.first_bad[k].item() >= 0 else "an earlier step"
                 raise NonFiniteLoss(f"loss term '{k}' became {self.sums[k].item()} at step {step}; "
                                     "stopping without overwriting the last good checkpoint")
-        means = {k: s / max(1, self.n) / self.world_size for k, s in zip(keys, sums)}
-        self.sums, self.n = {k: torch.zeros_like(s) for k, s in self.sums.items()}, 0
+        means = {k: s / max(1, self.counts[k]) / self.world_size for k, s in zip(keys, sums)}
+        self.sums = {k: torch.zeros_like(s) for k, s in self.sums.items()}
+        self.counts = {k: 0 for k in self.counts}
         return means
 
 

@@ -55,6 +55,20 @@ def test_schedules_are_pure_functions_of_the_step():
     assert pretrain.peak_lr(cfg, world_size=4) == pytest.approx(5e-4 * math.sqrt(256 / 4096))
 
 
+def test_tracker_means_and_first_bad_step():
+    tr = pretrain.Tracker()
+    for step, (a, g) in enumerate([(1.0, 10.0), (3.0, 20.0)], start=1):
+        tr.add({"clip": torch.tensor(a), "total": torch.tensor(2 * a)}, step)  # two micro-steps per step
+        tr.add({"clip": torch.tensor(a), "total": torch.tensor(2 * a)}, step)
+        tr.add({"grad_norm": torch.tensor(g)}, step)  # once per step
+    assert tr.flush() == {"clip": 2.0, "total": 4.0, "grad_norm": 15.0}
+    tr.add({"clip": torch.tensor(5.0)}, 3)
+    tr.add({"clip": torch.tensor(float("inf"))}, 4)
+    tr.add({"clip": torch.tensor(float("nan"))}, 5)
+    with pytest.raises(pretrain.NonFiniteLoss, match="'clip' became nan at step 4"):
+        tr.flush()
+
+
 def test_param_groups_exclude_norms_biases_tokens_logit_scale():
     cfg = pretrain.parse_config(SMALL)
     student = pretrain.Student(cfg)
