@@ -145,11 +145,11 @@ class TrainConfig:
     stage: int = 1  # 1 = joint pre-training, 2 = decoder GAN fine-tuning
     out_dir: str = "runs/pretrain"  # checkpoints, config.json, metrics.jsonl and previews go here
     init_from: str = ""  # stage 2: stage-1 checkpoint (file or folder); empty = latest in out_dir
-    max_steps: int = 600  # optimizer steps (tiny: about 10 minutes on 2 CPU cores)
+    max_steps: int = 1500  # optimizer steps (tiny: under 10 minutes on 2 idle CPU cores)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     log_every: int = 20  # steps between log lines / metrics.jsonl rows
-    ckpt_every: int = 200  # steps between checkpoints (and one at the end)
-    preview_every: int = 100  # steps between reconstruction preview PNGs
+    ckpt_every: int = 500  # steps between checkpoints (and one at the end)
+    preview_every: int = 250  # steps between reconstruction preview PNGs
     resume: bool = False  # continue from the latest checkpoint in out_dir
     amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     compile: bool = False  # torch.compile the training module
