@@ -133,7 +133,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """RMSNorm, adaLN (shift, scale), Linear(D -> p*p*C); adaLN and Linear zero-initialized. (B, N, D) -> (B, N, p*p*C)."""
+    """RMSNorm, adaLN (shift, scale), Linear(D -> p*p*C), adaLN and Linear zero-initialized.
+    (B, N, D) -> (B, N, p*p*C)."""
 
     def __init__(self, dim, out_dim):
         super().__init__()
@@ -764,7 +765,8 @@ def load_dit(path, device="cpu"):
     if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"no ckpt_*.pt in {path!r}: train a DiT first (python train_dit.py --tokenizer=...)")
+            raise FileNotFoundError(f"no ckpt_*.pt in {path!r}: train a DiT first "
+                                    "(python train_dit.py --tokenizer=...)")
         path = found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DiT checkpoint {path!r} does not exist")
