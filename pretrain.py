@@ -15,6 +15,7 @@ Any λ can be 0 for the paper's ablations: --loss.lambda_clip=0 --loss.lambda_ss
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -387,7 +388,10 @@ def train_stage1(cfg: Config, rank, world_size, device):
             checkpoint(step)
     if bar is not None:
         bar.close()
-    del model, fwd  # DDP wrappers go before the process group (gloo aborts at exit otherwise)
+    # The DDP wrapper (and the last graph, which holds its hooks) must be gone before the process group is
+    # destroyed, or gloo can abort at exit ("terminate called without an active exception").
+    del model, fwd, terms, loss
+    gc.collect()
     return student
 
 
@@ -506,7 +510,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
                 "tokenizer": ckpt["tokenizer"], "data": loader.state_dict(), "init_from": src_path})
     if bar is not None:
         bar.close()
-    del dec
+    del dec, g, recon  # as in stage 1: no DDP wrapper or graph may outlive the process group
+    gc.collect()
     return vtp
 
 
