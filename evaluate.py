@@ -46,7 +46,7 @@ from data import build_dataset, build_eval_loader, build_tokenizer, denormalize,
 from losses import LPIPS
 from model import (Config, ConfigError, cleanup_distributed, latest_checkpoint, load_vtp, parse_config, print0,
                    set_config_value, setup_distributed, validate_config)
-from train_dit import sample_images, tokenizer_fingerprint
+from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
 # Prompt templates for zero-shot classification.
@@ -427,6 +427,7 @@ def ssim(x, y, window_size=11, sigma=1.5, k1=0.01, k2=0.03):
 # Zero-shot classification (CLIP protocol).
 
 
+@torch.no_grad()
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, class_names, templates, device="cpu"):
     """
@@ -844,8 +845,7 @@ def run_gen(E):
     cfg = E.merge(base)
     tok_path = ""
     if dit_ckpt is not None and not e.ckpt:  # FD_vtp in the space of the tokenizer the DiT was trained on
-        tok = dit_ckpt["tokenizer"]
-        tok_path = tok["path"] if os.path.exists(tok["path"]) else tok["abs_path"]
+        tok_path = tokenizer_path_of(dit_ckpt)[0]  # checked against the fingerprint recorded at training
     fd = E.fd_features(tok_path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W) in [0, 1]
     feats, logits = [], []

@@ -265,6 +265,18 @@ def check_ranks_in_sync(module, rank, world_size):
     print0(f"parameter checksum {sums[0]:.10e} identical on {world_size} processes")
 
 
+def trim_metrics(out_dir, last_step):
+    """Keep only metrics.jsonl rows up to `last_step` (0 for a fresh run): rows logged after the checkpoint a run
+    resumes from, or by an earlier run in the same folder, would otherwise be mixed into this run's curve."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
 def log_step(out_dir, row, bar):
     """One fixed-format log line and the same numbers appended to metrics.jsonl (rank 0 only)."""
     terms = " | ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -327,6 +339,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
                      "rng": {"torch": torch.get_rng_state()}}
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
 
+    if rank == 0:
+        trim_metrics(out_dir, step)
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
     print0(f"stage 1 | {world_size} process(es) on {device} | global batch "
            f"{cfg.data.batch_size * world_size * tc.accum_steps} | peak lr {lr_peak:.2e} | "
@@ -447,6 +461,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
     print0(f"stage 2 from {src_path} | decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, "
            f"discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M | GAN from step {lc.gan_start}")
 
+    if rank == 0:
+        trim_metrics(out_dir, step)
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step

@@ -776,16 +776,17 @@ def load_dit(path, device="cpu"):
     return dit.to(device).eval().requires_grad_(False), ckpt
 
 
-def _tokenizer_of(ckpt, device):
+def tokenizer_path_of(ckpt, device="cpu"):
     """The tokenizer a DiT checkpoint was trained on: the first of its path as given, its absolute path and the
     exact checkpoint file used at training time whose encoder still has the recorded fingerprint (a folder's latest
-    checkpoint may since be a later stage-1 step; a stage-2 one keeps the encoder and so the fingerprint)."""
+    checkpoint may since be a later stage-1 step; a stage-2 one keeps the encoder and so the fingerprint).
+    Returns (path, loaded tokenizer)."""
     tok = ckpt["tokenizer"]
     for path in dict.fromkeys((tok["path"], tok["abs_path"], tok.get("file", ""))):
         if path and os.path.exists(path):
             vtp, _ = load_tokenizer(path, device)
             if tokenizer_fingerprint(vtp) == tok["fingerprint"]:
-                return vtp
+                return path, vtp
     raise FileNotFoundError(f"no tokenizer with fingerprint {tok['fingerprint']} at {tok['path']!r} or "
                             f"{tok.get('file', '')!r}: the DiT's tokenizer was moved or changed")
 
@@ -808,7 +809,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
     device = torch.device(device)
     ema, ckpt = load_dit(ckpt_path, device)
     d = Config.from_dict(ckpt["config"]).dit
-    vtp = _tokenizer_of(ckpt, device)
+    vtp = tokenizer_path_of(ckpt, device)[1]
     amp = autocast(device, amp_dtype(d.amp if device.type == "cuda" else "fp32", device))
     fm = FlowMatching(ema.num_classes)
     mean, std = (ckpt["latent_stats"][k].to(device) for k in ("mean", "std"))

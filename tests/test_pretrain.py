@@ -158,8 +158,11 @@ def test_resume_gives_identical_losses_and_parameters(tmp_path):
     # a run killed after its step-2 checkpoint leaves exactly that file behind
     resumed.mkdir()
     shutil.copy(straight / "ckpt_0000002.pt", resumed / "ckpt_0000002.pt")
+    # ... and its metrics up to the kill: a row logged after the checkpoint must not survive the resume
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(straight)[:3]))
     run(resumed, "--train.max_steps=4", "--train.ckpt_every=2", "--train.resume")
-    a, b = metrics(straight)[2:], metrics(resumed)
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
+    a, b = metrics(straight)[2:], metrics(resumed)[2:]
     assert [r["step"] for r in b] == [3, 4]
     for ra, rb in zip(a, b):
         for key in ("total", "clip", "dino", "ibot", "koleo", "rec", "grad_norm"):
