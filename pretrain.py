@@ -305,6 +305,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
     # data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
     ckpt_path = latest_checkpoint(out_dir) if tc.resume else None
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
+    if tc.resume and not ckpt:
+        print0(f"--train.resume: no ckpt_*.pt in {out_dir}, starting from scratch")
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else data.build_tokenizer(cfg)
     loader = data.build_pretrain_loader(cfg, tokenizer, rank, world_size)
 
@@ -336,7 +338,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
                      "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "step": step, "stage": 1,
                      "config": cfg.to_dict(), "tokenizer": tokenizer.state_dict(), "data": loader.state_dict(),
-                     "rng": {"torch": torch.get_rng_state()}}
+                     "rng": {"torch": torch.get_rng_state()}}  # for the record: each step reseeds from the step
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
 
     if rank == 0:
@@ -347,6 +349,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
            f"λ_rec {cfg.loss.lambda_rec} λ_ssl {cfg.loss.lambda_ssl} λ_clip {cfg.loss.lambda_clip}")
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    terms = loss = None
     while step < tc.max_steps:
         # Stochastic depth draws from the global generator: seed it from (seed, rank, step) so a resumed run
         # draws exactly what an uninterrupted one would. The data stream is a function of its position.
@@ -466,6 +469,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    g = recon = None
     while step < tc.max_steps:
         torch.manual_seed(tc.seed + 1_000_003 * rank + step)
         x = next(loader)["images"].to(device)  # (B, 3, H, W)

@@ -173,6 +173,9 @@ def test_resume_gives_identical_losses_and_parameters(tmp_path):
         for k in sa[part]:
             assert torch.equal(sa[part][k], sb[part][k]), f"{part}.{k}"
     assert sa["data"] == sb["data"]
+    # resuming a finished run is a no-op that exits cleanly
+    run(resumed, "--train.max_steps=4", "--train.ckpt_every=2", "--train.resume")
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
 
 
 # --- DDP ---
