@@ -298,6 +298,36 @@ def fixed_preview_images(cfg: Config, n=8):
 # Stage 1
 
 
+def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler):
+    """One micro-step: teacher targets (no grad), the student's losses, and the (scaled) backward of
+    total / accum_steps. Returns the loss terms."""
+    with autocast():
+        probs = teacher(batch["global_crops"], batch["masks"], temp) if cfg.loss.lambda_ssl > 0 else None
+        terms, _ = fwd(batch, probs)
+    loss = terms["total"] / cfg.train.accum_steps
+    (scaler.scale(loss) if scaler else loss).backward()
+    return terms
+
+
+def optimizer_step(student, teacher, optimizer, scaler, cfg: Config, momentum):
+    """Unscale, clip, AdamW step, zero the grads, clamp logit_scale, then the teacher's EMA update.
+    Returns the gradient norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        student.vtp.logit_scale.clamp_(0.0, cfg.loss.logit_scale_max)
+        if cfg.loss.lambda_ssl > 0:
+            teacher.ema_from(student, momentum)
+    return grad_norm
+
+
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -349,7 +379,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
            f"λ_rec {cfg.loss.lambda_rec} λ_ssl {cfg.loss.lambda_ssl} λ_clip {cfg.loss.lambda_clip}")
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
-    terms = loss = None
+    terms = None
     while step < tc.max_steps:
         # Stochastic depth draws from the global generator: seed it from (seed, rank, step) so a resumed run
         # draws exactly what an uninterrupted one would. The data stream is a function of its position.
@@ -359,28 +389,11 @@ def train_stage1(cfg: Config, rank, world_size, device):
             group["lr"] = lr
         for micro in range(tc.accum_steps):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
-            sync = micro == tc.accum_steps - 1 or world_size == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                probs = None
-                if cfg.loss.lambda_ssl > 0:
-                    probs = teacher(batch["global_crops"], batch["masks"], temp)
-                terms, _ = fwd(batch, probs)
-                loss = terms["total"] / tc.accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+            sync = micro == tc.accum_steps - 1 or world_size == 1  # all-reduce gradients on the last micro-step
+            with contextlib.nullcontext() if sync else model.no_sync():
+                terms = forward_backward(fwd, teacher, batch, temp, cfg, autocast, scaler)
             tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            student.vtp.logit_scale.clamp_(0.0, cfg.loss.logit_scale_max)
-            if cfg.loss.lambda_ssl > 0:
-                teacher.ema_from(student, teacher_momentum_at(step, cfg))
+        grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg))
         tracker.add({"grad_norm": grad_norm}, step + 1)
         step += 1
         if bar is not None:
@@ -407,7 +420,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
         bar.close()
     # The DDP wrapper (and the last graph, which holds its hooks) must be gone before the process group is
     # destroyed, or gloo can abort at exit ("terminate called without an active exception").
-    del model, fwd, terms, loss
+    del model, fwd, terms
     gc.collect()
     return student
 

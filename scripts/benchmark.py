@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import parse_config  # noqa: E402
-from pretrain import Student, Teacher, amp_setup, param_groups  # noqa: E402
+from pretrain import Student, Teacher, amp_setup, forward_backward, optimizer_step, param_groups  # noqa: E402
 
 
 def synthetic_batch(cfg, device, gen):
@@ -60,18 +60,8 @@ def main():
     batch = synthetic_batch(cfg, device, gen)
 
     def step():
-        with autocast():
-            probs = teacher(batch["global_crops"], batch["masks"], 0.07) if cfg.loss.lambda_ssl > 0 else None
-            terms, _ = fwd(batch, probs)
-        (scaler.scale(terms["total"]) if scaler else terms["total"]).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cfg.loss.lambda_ssl > 0:
-            teacher.ema_from(student, 0.999)
+        forward_backward(fwd, teacher, batch, 0.07, cfg, autocast, scaler)
+        optimizer_step(student, teacher, opt, scaler, cfg, 0.999)
 
     with FlopCounterMode(display=False) as counter:
         step()

@@ -178,6 +178,22 @@ def test_resume_gives_identical_losses_and_parameters(tmp_path):
     assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
 
 
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    # AE only: the loss is a mean over images, so 2 micro-steps of 4 images (the loader's next 8 samples) give the
+    # gradient of one step on those 8 images. (CLIP would not: its negatives are per micro-batch.)
+    common = SMALL + ["--loss.lambda_clip=0", "--loss.lambda_ssl=0", "--train.max_steps=2", "--train.ckpt_every=1",
+                      "--optim.eps=1.0", "--optim.lr=0.1", "--optim.lr_ref_batch=8"]
+    run(tmp_path / "accum", *common, "--data.batch_size=4", "--data.rec_batch_size=4", "--data.ssl_batch_size=4",
+        "--train.accum_steps=2")
+    run(tmp_path / "big", *common, "--data.batch_size=8", "--data.rec_batch_size=8", "--data.ssl_batch_size=4")
+    a = torch.load(tmp_path / "accum" / "ckpt_0000002.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "big" / "ckpt_0000002.pt", weights_only=True)["model"]
+    a1 = torch.load(tmp_path / "accum" / "ckpt_0000001.pt", weights_only=True)["model"]
+    assert not torch.equal(a1["pixel_decoder.proj_out.weight"], a["pixel_decoder.proj_out.weight"]), "it trained"
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+
+
 # --- DDP ---
 
 def torchrun(args, nproc=2):
