@@ -20,7 +20,6 @@ import re
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -377,9 +376,9 @@ def validate_config(cfg):
     need(t.width % t.num_heads == 0, "text.num_heads", f"must divide text.width={t.width}")
     need(t.context_length >= 2, "text.context_length", "must be >= 2 (start and end tokens)")
     need(e.latent_dim >= 1, "encoder.latent_dim", "must be >= 1")
-    for key in ("encoder.drop_path_clip", "encoder.drop_path_ssl", "encoder.drop_path_rec", "data.mask_prob",
-                "dit.class_dropout"):
-        need(0.0 <= _get(cfg, key) < 1.0 or key == "data.mask_prob" and _get(cfg, key) == 1.0, key, "must be in [0, 1)")
+    for key in ("encoder.drop_path_clip", "encoder.drop_path_ssl", "encoder.drop_path_rec", "dit.class_dropout"):
+        need(0.0 <= _get(cfg, key) < 1.0, key, "must be in [0, 1)")
+    need(0.0 <= cfg.data.mask_prob <= 1.0, "data.mask_prob", "must be in [0, 1]")
     for key in ("loss.lambda_rec", "loss.lambda_ssl", "loss.lambda_clip", "loss.l1_weight", "loss.lpips_weight",
                 "loss.koleo_weight", "optim.weight_decay", "optim.grad_clip"):
         need(_get(cfg, key) >= 0, key, "must be >= 0")

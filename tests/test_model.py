@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import (PRESETS, VTP, Attention, Config, ConfigError, DINOHead, RopeEmbedding, TextAttention,
                    apply_rope, ema_update, load_official_vtp, load_safetensors, load_vtp, parameter_counts,

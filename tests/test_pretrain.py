@@ -100,7 +100,7 @@ def test_stage1_and_stage2_smoke(tmp_path):
     stage1, cfg, ckpt = load_vtp(str(out))
     assert ckpt["step"] == 3 and ckpt["stage"] == 1 and ckpt["tokenizer"] is not None
 
-    stage2 = run(out, "--train.stage=2", "--train.max_steps=2", "--loss.gan_start=1")
+    run(out, "--train.stage=2", "--train.max_steps=2", "--loss.gan_start=1")
     rows2 = metrics(out / "stage2")
     assert rows2[0]["gan"] == 0.0 and rows2[1]["gan"] != 0.0, "the GAN term starts at loss.gan_start"
     assert "disc" in rows2[1] and rows2[1]["adaptive_weight"] > 0
