@@ -164,8 +164,8 @@ class DiTConfig:
     patch_size: int = 1  # DiT patch over the latent grid (1 or 2)
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     batch_size: int = 32  # per-process batch
-    max_steps: int = 2000  # optimizer steps
-    lr: float = 2e-4  # AdamW lr (constant)
+    max_steps: int = 6000  # optimizer steps (the tiny CPU default; the paper trains 100k at batch 1024)
+    lr: float = 0.0  # AdamW lr (constant); 0 = the preset's (2e-4 as in the paper; 1e-3 for tiny)
     betas: tuple = (0.9, 0.95)  # AdamW betas
     weight_decay: float = 0.0  # AdamW weight decay
     ema_decay: float = 0.0  # EMA of the DiT weights; 0 = the preset's (0.9999 as in the paper; 0.995 for tiny)
@@ -180,13 +180,14 @@ class DiTConfig:
     num_cache_images: int = 10000  # images to encode into the latent cache (builtin / cap for folders)
     stats_images: int = 10000  # unflipped latents for the per-channel mean/std
     log_every: int = 20  # steps between log lines
-    ckpt_every: int = 500  # steps between checkpoints
-    sample_every: int = 500  # steps between sample grids
+    ckpt_every: int = 1000  # steps between checkpoints
+    sample_every: int = 1000  # steps between sample grids
     grad_clip: float = 1.0  # max global gradient norm (0 = off) [ours]
     keep_ckpts: int = 2  # newest ckpt_*.pt kept in out_dir (0 = all)
     shard_size: int = 10000  # images per latent-cache shard file
     grid_classes: int = 8  # sample grids: classes shown (spread over all classes), one row each
     grid_per_class: int = 4  # sample grids: samples per class
+    grid_cfg_scale: float = 4.0  # sample grids: guidance scale (a visual check, as in DiT's figures; 1 = none)
     seed: int = 0  # seed of every torch.Generator (with rank and step)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
@@ -397,6 +398,8 @@ def validate_config(cfg):
         need(len(v) == 2 and v[0] <= v[1], key, "must be two numbers lo,hi with lo <= hi")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(0.0 < cfg.dit.time_shift, "dit.time_shift", "must be > 0")
+    need(cfg.dit.lr >= 0, "dit.lr", "must be >= 0 (0 = the DiT preset's)")
+    need(cfg.dit.grid_cfg_scale >= 0, "dit.grid_cfg_scale", "must be >= 0")
     return cfg
 
 

@@ -70,6 +70,23 @@ def unpatchify(x, p, h, w):
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
 
+def sincos_pos_embed(dim, h, w):
+    """
+    Fixed 2D sin-cos position embedding (DiT, MAE) -> (h*w, dim), row-major over the grid: the first dim/2
+    channels encode the row index, the last dim/2 the column, each as [sin(pos*f_k), cos(pos*f_k)] with
+    f_k = 10000^(-k/(dim/4)), k = 0 .. dim/4 - 1.
+    """
+    assert dim % 4 == 0, "the 2D sin-cos embedding needs dim divisible by 4"
+    freqs = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+
+    def embed_1d(pos):  # (n,) -> (n, dim/2)
+        args = pos.double()[:, None] * freqs[None]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([embed_1d(rows.flatten()), embed_1d(cols.flatten())], dim=1).float()
+
+
 def modulate(x, shift, scale):
     """adaLN modulation: x (B, N, D) * (1 + scale) + shift, with shift and scale (B, 1, D)."""
     return x * (1 + scale) + shift
@@ -152,9 +169,11 @@ class DiT(nn.Module):
     Class-conditional LightningDiT over a latent map (RECIPE §7). forward(x, t, y) -> velocity, with
     x (B, C, H, W) latents, t (B,) in [0, 1] (1 = data), y (B,) labels in [0, num_classes] (num_classes = null).
 
-    Patch embedding = patchify + Linear (the same map as a stride-p conv). Positions enter only through 2D RoPE in
-    every attention layer (model.py's axial RoPE in fp32: coordinates normalized to [-1, 1], so the same weights
-    run at any latent grid). Every adaLN Linear and the output Linear start at zero: an untrained DiT outputs 0.
+    Patch embedding = patchify + Linear (the same map as a stride-p conv), plus the fixed 2D sin-cos position
+    embedding, as in LightningDiT. Every attention layer adds 2D RoPE (model.py's axial RoPE in fp32). RoPE alone
+    is not enough: it only encodes offsets between tokens, so a RoPE-only DiT hardly knows where in the image a
+    token is and scatters an object over the grid (on the built-in data it could not even memorize 8 images).
+    Every adaLN Linear and the output Linear start at zero: an untrained DiT outputs 0.
     """
 
     def __init__(self, input_size, in_channels, num_classes, patch_size=1, depth=6, width=192, num_heads=3,
@@ -164,6 +183,8 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         patch_dim = patch_size * patch_size * in_channels
         self.x_embedder = nn.Linear(patch_dim, width)
+        grid = input_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(width, grid, grid)[None], persistent=False)  # (1, N, D)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.rope = RopeEmbedding(width // num_heads, base=rope_base, dtype="fp32")
@@ -191,7 +212,7 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         p = self.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        x = self.x_embedder(patchify(x, p))  # (B, N, D)
+        x = self.x_embedder(patchify(x, p)) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         rope = self.rope(h, w)  # (sin, cos), each (N, head_dim)
         for blk in self.blocks:
@@ -200,23 +221,24 @@ class DiT(nn.Module):
         return unpatchify(x, p, h, w)  # (B, C, H, W)
 
 
-# Size presets (LightningDiT / DiT naming). `ema_decay` is the default EMA of each size: the paper's 0.9999 for the
-# real sizes (100k steps = 10 EMA time constants 1/(1 - decay)); 0.995 for tiny, whose 2k-step CPU runs then also
-# span 10 time constants. With 0.999 the EMA of a 2k-step run still weighs the (zero-output) initial weights by
-# 0.999^2000 = 14% and its samples stay noise-like for most of the run.
+# Size presets (LightningDiT / DiT naming), with the defaults of `--dit.lr` and `--dit.ema_decay` for each size.
+# The real sizes use the paper's lr 2e-4 and EMA 0.9999 (100k steps = 10 EMA time constants 1/(1 - decay)).
+# tiny [ours] is for the 6k-step CPU runs: EMA 0.995 spans those in far fewer than 10 time constants (with 0.999 the
+# EMA of a 2k-step run still weighs the zero-output initial weights by 14%), and lr 1e-3: at batch 32 and 2e-4 the
+# tiny DiT learns so slowly that its samples ignore their class for thousands of steps.
 DiT_models = {
-    "tiny": dict(depth=6, width=128, num_heads=2, ema_decay=0.995),
-    "S": dict(depth=12, width=384, num_heads=6, ema_decay=0.9999),
-    "B": dict(depth=12, width=768, num_heads=12, ema_decay=0.9999),
-    "L": dict(depth=24, width=1024, num_heads=16, ema_decay=0.9999),
-    "XL": dict(depth=28, width=1152, num_heads=16, ema_decay=0.9999),
+    "tiny": dict(depth=6, width=128, num_heads=2, lr=1e-3, ema_decay=0.995),
+    "S": dict(depth=12, width=384, num_heads=6, lr=2e-4, ema_decay=0.9999),
+    "B": dict(depth=12, width=768, num_heads=12, lr=2e-4, ema_decay=0.9999),
+    "L": dict(depth=24, width=1024, num_heads=16, lr=2e-4, ema_decay=0.9999),
+    "XL": dict(depth=28, width=1152, num_heads=16, lr=2e-4, ema_decay=0.9999),
 }
 
 
 def build_dit(name, input_size, in_channels, num_classes, patch_size=1, seed=0):
     """A DiT of preset `name` (a key of DiT_models) for latents (in_channels, input_size, input_size), its initial
     weights drawn from a generator seeded with `seed`."""
-    sizes = {k: v for k, v in DiT_models[name].items() if k != "ema_decay"}
+    sizes = {k: v for k, v in DiT_models[name].items() if k not in ("lr", "ema_decay")}
     return DiT(input_size, in_channels, num_classes, patch_size, **sizes, seed=seed)
 
 
@@ -573,18 +595,21 @@ def decode_latents(vtp, z, mean, std, amp=None):
 @torch.no_grad()
 def save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp):
     """A PNG grid of EMA samples: one row per class (grid_classes spread over all classes), grid_per_class columns.
-    The noise is seeded by dit.seed, so grids of successive steps show the same starting points."""
+    The noise is seeded by dit.seed, so grids of successive steps show the same starting points; guidance is
+    dit.grid_cfg_scale (4 by default, as in DiT's sample figures; the `sample` command and FID use dit.cfg_scale, 1
+    by default as in the paper's headline numbers). Images smaller than 128 px are enlarged (nearest neighbour) so that 32 px CPU samples can be seen."""
     n_cls = min(d.grid_classes, ema.num_classes)
     classes = torch.linspace(0, ema.num_classes - 1, n_cls).round().long()
     y = classes.repeat_interleave(d.grid_per_class).to(device)  # (rows * cols,)
     g = torch.Generator().manual_seed(d.seed)
     noise = torch.randn(len(y), ema.in_channels, ema.input_size, ema.input_size, generator=g).to(device)
     with amp:
-        z = fm.sample(ema, noise, y, d.num_sample_steps, d.sampler, d.time_shift, d.cfg_scale, d.cfg_interval)
+        z = fm.sample(ema, noise, y, d.num_sample_steps, d.sampler, d.time_shift, d.grid_cfg_scale, d.cfg_interval)
     images = decode_latents(vtp, z, mean, std, amp)  # (rows * cols, H, W, 3)
     H, W = images.shape[1:3]
     grid = images.reshape(n_cls, d.grid_per_class, H, W, 3).transpose(0, 2, 1, 3, 4).reshape(n_cls * H, -1, 3)
-    Image.fromarray(grid).save(path)
+    zoom = max(1, 128 // H)
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path)
 
 
 def check_finite(bad_step, world_size, last_ckpt):
@@ -671,6 +696,7 @@ def main(argv=None):
     cfg = check_dit_config(parse_config(argv, aliases=ALIASES))
     d = cfg.dit
     ema_decay = d.ema_decay or DiT_models[d.model]["ema_decay"]
+    lr = d.lr or DiT_models[d.model]["lr"]
     # 2. compute setup
     rank, world_size, local_rank, device = setup_distributed(d.device)
     amp = autocast(device, amp_dtype(d.amp, device))
@@ -694,9 +720,9 @@ def main(argv=None):
     ema = copy.deepcopy(dit).requires_grad_(False).eval()
     fm = FlowMatching(num_classes, d.t_mu, d.t_sigma, d.cos_weight, d.class_dropout)
     print0(f"DiT-{d.model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, latents "
-           f"({dit.in_channels}, {grid}, {grid}), {num_classes} classes, EMA {ema_decay}")
+           f"({dit.in_channels}, {grid}, {grid}), {num_classes} classes, lr {lr:g}, EMA {ema_decay}")
     # 5. optimizer (constant lr, no schedule) and resume
-    opt = torch.optim.AdamW(dit.parameters(), lr=d.lr, betas=d.betas, weight_decay=d.weight_decay)
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=d.betas, weight_decay=d.weight_decay)
     step = restore(ckpt, dit, ema, opt, scaler, world_size) if ckpt is not None else 0
     if ckpt is not None and rank == 0:
         trim_metrics(d.out_dir, step)
@@ -735,7 +761,7 @@ def main(argv=None):
         if step % d.log_every == 0 or last:
             check_finite(bad_step, world_size, last_ckpt)
             log_metrics(step, d.max_steps, acc, n_acc, time.time() - t0 - t_other, d.batch_size * world_size,
-                        d.lr, world_size, d.out_dir, pbar if rank == 0 else None)
+                        lr, world_size, d.out_dir, pbar if rank == 0 else None)
             acc.zero_()
             n_acc, t0, t_other = 0, time.time(), 0.0
         t1 = time.time()

@@ -418,6 +418,7 @@ def test_config_dict_round_trip():
     (["--loss.lambda_clip=-1"], "loss.lambda_clip=-1.0: must be >= 0"),
     (["--loss.lambda_clip=0", "--loss.lambda_ssl=0", "--loss.lambda_rec=0"], "at least one of"),
     (["--train.max_steps=0"], "train.max_steps=0: must be >= 1"),
+    (["--dit.lr=-1e-3"], "dit.lr=-0.001: must be >= 0"),
     (["--data.mask_ratio=0.5,0.1"], "data.mask_ratio=.*lo <= hi"),
     (["encoder.depth=3"], "unexpected argument 'encoder.depth=3'"),
 ])

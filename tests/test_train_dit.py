@@ -117,12 +117,44 @@ def test_dit_output_depends_on_position_time_and_class():
     out = m(x, t, y)
     assert not torch.allclose(m(x, t + 0.2, y), out, atol=1e-3)
     assert not torch.allclose(m(x, t, y + 1), out, atol=1e-3)
-    # RoPE makes the map position-aware: without it, permuting the positions would just permute the output
+    # The position embedding and RoPE each make the map position-aware: with either one alone, permuting the
+    # positions does not just permute the output; with neither, it does.
     perm = torch.randperm(64)
     shuffle = lambda z: z.flatten(2)[:, :, perm].view_as(z)  # noqa: E731
     assert not torch.allclose(m(shuffle(x), t, y), shuffle(out), atol=1e-3)
+    pos_embed = m.pos_embed.clone()
+    m.pos_embed.zero_()  # RoPE only
+    assert not torch.allclose(m(shuffle(x), t, y), shuffle(m(x, t, y)), atol=1e-3)
     m.rope.forward = lambda h, w: (torch.zeros(h * w, 16), torch.ones(h * w, 16))  # the identity rotation
-    assert torch.allclose(m(shuffle(x), t, y), shuffle(m(x, t, y)), atol=1e-5)
+    assert torch.allclose(m(shuffle(x), t, y), shuffle(m(x, t, y)), atol=1e-5)  # neither
+    m.pos_embed.copy_(pos_embed)  # position embedding only
+    assert not torch.allclose(m(shuffle(x), t, y), shuffle(m(x, t, y)), atol=1e-3)
+
+
+def test_dit_knows_absolute_position():
+    """RoPE only encodes offsets between tokens: on a constant input every token would get the same attention
+    output, so a RoPE-only DiT cannot tell where in the image a token is (it failed to memorize 8 images, placing
+    each object anywhere). The fixed sin-cos position embedding gives each grid cell its own input."""
+    torch.manual_seed(0)
+    m = small_dit()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, t, y = torch.ones(1, 4, 8, 8), torch.tensor([0.5]), torch.tensor([2])
+    out = m(x, t, y).flatten(2)  # (1, C, 64)
+    assert (out - out[:, :, :1]).abs().amax() > 1e-2
+    m.pos_embed.zero_()
+    out = m(x, t, y).flatten(2)
+    assert (out - out[:, :, :1]).abs().amax() < 1e-4
+
+
+def test_sincos_pos_embed():
+    pe = train_dit.sincos_pos_embed(16, 3, 5)  # (15, 16): rows use channels 0..7, columns 8..15
+    assert pe.shape == (15, 16)
+    assert torch.equal(pe[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))  # sin 0, cos 0
+    # token 7 is row 1, column 2; the first frequency is 1, so its first row / column channels are sin(1), sin(2)
+    assert torch.allclose(pe[7, [0, 4, 8, 12]], torch.tensor([np.sin(1), np.cos(1), np.sin(2), np.cos(2)]).float())
+    assert torch.allclose(pe[7, :8], pe[5, :8]) and torch.allclose(pe[7, 8:], pe[2, 8:])  # same row / column
+    assert len({tuple(v.tolist()) for v in pe}) == 15  # every cell distinct
 
 
 # --- flow matching ---
@@ -280,7 +312,8 @@ def test_tokenizer_errors_and_cache_rebuild(tokenizer, tmp_path):
     save_checkpoint(other, {"model": VTP(tcfg).state_dict(), "config": tcfg.to_dict(), "tokenizer": None,
                             "step": 0, "stage": 1})
     out = str(tmp_path / "run")
-    main(run_args(tokenizer, out, "--dit.max_steps=1"))
+    main(run_args(tokenizer, out, "--dit.max_steps=1", "--dit.lr=5e-4"))
+    assert read_metrics(out)[0]["lr"] == 5e-4  # an explicit lr overrides the preset's
     cfg = train_dit.parse_config(run_args(other, out), aliases=train_dit.ALIASES)
     vtp, tok_cfg, _ = load_vtp(other)
     fp = tokenizer_fingerprint(vtp)
@@ -365,8 +398,9 @@ def test_smoke_cache_train_sample(tokenizer, tmp_path, capsys):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert set(rows[0]) >= {"loss", "mse", "cos", "lr", "grad_norm", "ms_per_step", "img_per_s"}
+    assert rows[0]["lr"] == DiT_models["tiny"]["lr"] == 1e-3  # dit.lr = 0 means the preset's lr
     from PIL import Image
-    assert Image.open(os.path.join(out, "samples_0000003.png")).size == (2 * 32, 3 * 32)
+    assert Image.open(os.path.join(out, "samples_0000003.png")).size == (2 * 128, 3 * 128)  # 32 px enlarged 4x
     # a second run reuses the cache
     mtime = os.path.getmtime(os.path.join(out, "latents", "shard_0_0.pt"))
     capsys.readouterr()
@@ -421,3 +455,20 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     arr = np.load(os.path.join(out, "samples", "samples.npz"))["arr_0"]
     ref, _ = sample_images(out, 5, num_steps=3)
     assert arr.shape == (5, 32, 32, 3) and np.abs(arr.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_class_accuracy_judge(tokenizer, tmp_path):
+    """scripts/dit_class_accuracy.py: its CNN judge, briefly trained, names the shape of real val scenes far above
+    chance (1/8), and it scores the samples of a DiT checkpoint."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import dit_class_accuracy as dca
+    finally:
+        sys.path.pop(0)
+    cfg = Config()
+    judge = dca.train_judge(cfg, 32, num_images=4000, epochs=3)
+    assert dca.accuracy(judge, *dca.load_images(cfg, "val", 32, 300)) > 0.4  # chance 0.125
+    out = str(tmp_path / "dit")
+    main(run_args(tokenizer, out, "--dit.max_steps=1"))
+    acc = dca.sample_accuracy(judge, out, n=16, num_steps=2)
+    assert acc * 16 == round(acc * 16) and 0.0 <= acc <= 1.0
