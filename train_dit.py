@@ -1,7 +1,7 @@
 """
 Stage 3: a class-conditional LightningDiT trained with flow matching on frozen VTP latents (RECIPE §1.4, §7).
 
-    python train_dit.py --tokenizer=runs/pretrain          # tiny DiT on the built-in data, CPU, a few minutes
+    python train_dit.py --tokenizer=runs/pretrain          # tiny DiT on the built-in data, CPU, ~14 minutes
     torchrun --nproc_per_node=8 train_dit.py --tokenizer=<ckpt or released folder> --dit.model=XL \\
         --data.dataset=imagenet --data.path=/data/imagenet/train --dit.num_cache_images=0 \\
         --dit.batch_size=128 --dit.max_steps=100000 --dit.ckpt_every=5000 --dit.sample_every=5000
