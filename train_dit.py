@@ -223,9 +223,9 @@ class DiT(nn.Module):
 
 # Size presets (LightningDiT / DiT naming), with the defaults of `--dit.lr` and `--dit.ema_decay` for each size.
 # The real sizes use the paper's lr 2e-4 and EMA 0.9999 (100k steps = 10 EMA time constants 1/(1 - decay)).
-# tiny [ours] is for the 6k-step CPU runs: EMA 0.995 spans those in far fewer than 10 time constants (with 0.999 the
-# EMA of a 2k-step run still weighs the zero-output initial weights by 14%), and lr 1e-3: at batch 32 and 2e-4 the
-# tiny DiT learns so slowly that its samples ignore their class for thousands of steps.
+# tiny [ours] is for the 6k-step CPU runs: EMA 0.995 (a 200-step time constant; with 0.999 the EMA of a 2k-step run
+# still weighs the zero-output initial weights by 14%) and lr 1e-3 (at batch 32 and 2e-4 the tiny DiT learns so
+# slowly that its samples ignore their class for thousands of steps).
 DiT_models = {
     "tiny": dict(depth=6, width=128, num_heads=2, lr=1e-3, ema_decay=0.995),
     "S": dict(depth=12, width=384, num_heads=6, lr=2e-4, ema_decay=0.9999),
@@ -597,7 +597,8 @@ def save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp):
     """A PNG grid of EMA samples: one row per class (grid_classes spread over all classes), grid_per_class columns.
     The noise is seeded by dit.seed, so grids of successive steps show the same starting points; guidance is
     dit.grid_cfg_scale (4 by default, as in DiT's sample figures; the `sample` command and FID use dit.cfg_scale, 1
-    by default as in the paper's headline numbers). Images smaller than 128 px are enlarged (nearest neighbour) so that 32 px CPU samples can be seen."""
+    by default as in the paper's headline numbers). Images smaller than 128 px are enlarged (nearest neighbour) so
+    that 32 px CPU samples can be seen."""
     n_cls = min(d.grid_classes, ema.num_classes)
     classes = torch.linspace(0, ema.num_classes - 1, n_cls).round().long()
     y = classes.repeat_interleave(d.grid_per_class).to(device)  # (rows * cols,)

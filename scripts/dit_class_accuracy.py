@@ -68,7 +68,8 @@ def sample_accuracy(judge, ckpt_path, n=256, cfg_scale=1.0, num_steps=50, seed=0
     d = Config.from_dict(ckpt["config"]).dit
     fm = train_dit.FlowMatching(ema.num_classes)
     y = torch.arange(n) % ema.num_classes
-    noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, generator=g)
     z = fm.sample(ema, noise, y, num_steps, "euler", d.time_shift, cfg_scale, d.cfg_interval)
     images = vtp.decode(train_dit.denormalize_latents(z, mean, std))
     return accuracy(judge, images, y)
