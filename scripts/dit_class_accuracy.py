@@ -60,8 +60,9 @@ def accuracy(judge, images, labels):
 
 
 @torch.no_grad()
-def sample_accuracy(judge, ckpt_path, n=256, cfg_scale=1.0, num_steps=50, seed=0):
-    """Fraction of n DiT samples (classes cycling, EMA weights, Euler) that the judge assigns to their class."""
+def sample_accuracy(judge, ckpt_path, n=256, cfg_scales=(1.0,), num_steps=50, seed=0):
+    """For each guidance scale, the fraction of n DiT samples (classes cycling, EMA weights, Euler, the same noise
+    for every scale) that the judge assigns to their class -> list of floats."""
     ema, ckpt = train_dit.load_dit(ckpt_path)
     vtp = train_dit.tokenizer_path_of(ckpt)[1]
     mean, std = ckpt["latent_stats"]["mean"], ckpt["latent_stats"]["std"]
@@ -70,9 +71,11 @@ def sample_accuracy(judge, ckpt_path, n=256, cfg_scale=1.0, num_steps=50, seed=0
     y = torch.arange(n) % ema.num_classes
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, ema.in_channels, ema.input_size, ema.input_size, generator=g)
-    z = fm.sample(ema, noise, y, num_steps, "euler", d.time_shift, cfg_scale, d.cfg_interval)
-    images = vtp.decode(train_dit.denormalize_latents(z, mean, std))
-    return accuracy(judge, images, y)
+    accs = []
+    for scale in cfg_scales:
+        z = fm.sample(ema, noise, y, num_steps, "euler", d.time_shift, scale, d.cfg_interval)
+        accs.append(accuracy(judge, vtp.decode(train_dit.denormalize_latents(z, mean, std)), y))
+    return accs
 
 
 def main(argv):
@@ -91,11 +94,10 @@ def main(argv):
     print(f"training the judge on 20000 built-in scenes at {size} px ...")
     judge = train_judge(cfg, size)
     print(f"judge accuracy on 1000 real val scenes: {accuracy(judge, *load_images(cfg, 'val', size, 1000)):.3f}")
-    for s in (float(v) for v in opts["--scales"].split(",")):
-        acc = sample_accuracy(judge, path, int(opts["--n"]), s, int(opts["--steps"]))
+    scales = [float(v) for v in opts["--scales"].split(",")]
+    for s, acc in zip(scales, sample_accuracy(judge, path, int(opts["--n"]), scales, int(opts["--steps"]))):
         print(f"{path}: class accuracy of {opts['--n']} samples at cfg scale {s:g}, {opts['--steps']} Euler steps: "
               f"{acc:.3f} (chance {1 / ema.num_classes:.3f})")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

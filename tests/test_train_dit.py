@@ -470,5 +470,5 @@ def test_class_accuracy_judge(tokenizer, tmp_path):
     assert dca.accuracy(judge, *dca.load_images(cfg, "val", 32, 300)) > 0.4  # chance 0.125
     out = str(tmp_path / "dit")
     main(run_args(tokenizer, out, "--dit.max_steps=1"))
-    acc = dca.sample_accuracy(judge, out, n=16, num_steps=2)
-    assert acc * 16 == round(acc * 16) and 0.0 <= acc <= 1.0
+    accs = dca.sample_accuracy(judge, out, n=16, cfg_scales=(1.0, 4.0), num_steps=2)
+    assert len(accs) == 2 and all(a * 16 == round(a * 16) and 0.0 <= a <= 1.0 for a in accs)
