@@ -139,7 +139,8 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3):
     """
     with _fp32(teacher_logits):
         logits = teacher_logits.float()
-        n_total = all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
+        # torch.full launches a fill kernel; torch.tensor(x, device=cuda) would copy from the host and wait
+        n_total = all_reduce_sum(torch.full((), float(logits.shape[0]), device=logits.device))
         if logits.numel() > 0:
             local_max = logits.max()
         else:
@@ -224,7 +225,7 @@ def dino_loss(student_global_logits, student_local_logits, teacher_probs, studen
         return total / n_pairs
 
 
-def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1):
+def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1, mask_indices=None):
     """
     iBOT masked-patch loss (RECIPE §5, SSL; iBOT/DINOv2).
 
@@ -235,10 +236,16 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
     The cross-entropy is averaged over the masked patches of each image, then over the images that have any masked
     patch (DINOv2 instead divides by all 2*B crops, i.e. scales the loss by the masked fraction). Unlike DINO the
     student and teacher see the same crop. Returns a scalar (fp32); 0 (with a graph) when nothing is masked.
+    mask_indices: optional (M,) flat indices of the True entries of masks.flatten() (the batch's `mask_indices`,
+    made by the data loader); with them no boolean indexing runs here, so the step never waits on the GPU.
     """
     with _fp32(student_patch_logits):
         n_masked = masks.sum(dim=-1)  # (2B,)
-        token_weight = (1.0 / n_masked.clamp_min(1).float()).unsqueeze(-1).expand_as(masks)[masks]  # (M,)
+        image_weight = 1.0 / n_masked.clamp_min(1).float()  # (2B,)
+        if mask_indices is None:
+            token_weight = image_weight.unsqueeze(-1).expand_as(masks)[masks]  # (M,)
+        else:
+            token_weight = image_weight[mask_indices // masks.shape[1]]  # (M,): weight of each token's image
         n_images = (n_masked > 0).sum().clamp_min(1)
         ce = _soft_cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)  # (M,)
         return (ce * token_weight).sum() / n_images
