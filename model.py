@@ -497,6 +497,11 @@ def latest_checkpoint(folder, prefix="ckpt_"):
     return os.path.join(folder, max(found)[1]) if found else None
 
 
+def adamw(params, device, **kwargs):
+    """torch.optim.AdamW, with the fused CUDA kernel (one launch for all parameters) on CUDA devices."""
+    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
+
+
 # -----------------------------------------------------------------------------
 # Building blocks (RECIPE §2-3)
 
@@ -520,7 +525,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return xf.type_as(x) * self.weight.type_as(x)  # in x's dtype: under autocast no fp32 copy of the tokens
 
 
 class RopeEmbedding(nn.Module):
@@ -837,8 +842,7 @@ def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter, in fp32."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     assert len(t_params) == len(s_params), "teacher and student must have the same parameters"
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, [p.detach().float() for p in s_params], alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, [p.detach().float() for p in s_params], 1.0 - momentum)  # one fused pass
 
 
 # -----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
-from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, cleanup_distributed,
+from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, cleanup_distributed,
                    config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0, save_checkpoint,
                    setup_distributed, swiglu_hidden)
 
@@ -723,7 +723,7 @@ def main(argv=None):
     print0(f"DiT-{d.model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, latents "
            f"({dit.in_channels}, {grid}, {grid}), {num_classes} classes, lr {lr:g}, EMA {ema_decay}")
     # 5. optimizer (constant lr, no schedule) and resume
-    opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=d.betas, weight_decay=d.weight_decay)
+    opt = adamw(dit.parameters(), device, lr=lr, betas=d.betas, weight_decay=d.weight_decay)
     step = restore(ckpt, dit, ema, opt, scaler, world_size) if ckpt is not None else 0
     if ckpt is not None and rank == 0:
         trim_metrics(d.out_dir, step)
