@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 import losses
-from model import (VTP, Config, DINOHead, cleanup_distributed, config_summary, ema_update, latest_checkpoint,
+from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_summary, ema_update, latest_checkpoint,
                    parse_config, print0, save_checkpoint, setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -127,14 +127,15 @@ class Student(nn.Module):
         g_cls, g_patches = v.semantic_tokens(feats[0])  # (2B, D), (2B, N, D)
         n_global = g_cls.shape[0]
         # one head call for the global [CLS], the masked patch tokens and the local [CLS]
-        head_in = [g_cls, g_patches[batch["masks"]]]  # (2B, D), (M, D)
+        mask_idx = batch["mask_indices"]  # (M,) flat indices into (2B*N): gathers without a host sync
+        head_in = [g_cls, g_patches.flatten(0, 1)[mask_idx]]  # (2B, D), (M, D)
         if len(feats) > 1:
             head_in.append(v.semantic_tokens(feats[1])[0])  # (n_local*B, D)
         logits = self.dino_head(torch.cat(head_in))
         s_global, s_patch = logits[:n_global], logits[n_global:n_global + head_in[1].shape[0]]
         s_local = logits[n_global + head_in[1].shape[0]:] if len(feats) > 1 else None
         dino = losses.dino_loss(s_global, s_local, teacher_probs["cls"], lc.student_temp)
-        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp)
+        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp, mask_idx)
         koleo = losses.koleo_loss(g_cls, n_crops=2)
         return dino, ibot, koleo
 
@@ -161,13 +162,14 @@ class Teacher(nn.Module):
                    nn.ModuleList([student.vtp.trunk, student.dino_head]), momentum)
 
     @torch.no_grad()
-    def forward(self, global_crops, masks, temp):
-        """Teacher probabilities {"cls": (2B, K), "patches": (M, K)} for the student's masked positions."""
+    def forward(self, global_crops, mask_indices, temp):
+        """Teacher probabilities {"cls": (2B, K), "patches": (M, K)} for the student's masked positions, given as
+        the batch's `mask_indices` (flat indices of the True entries of the (2B, N) masks)."""
         f = self.trunk.forward_features(global_crops)
         cls, patches = f["cls"], f["patches"]
         if self.latent_features:
             cls, patches = self.trunk.feature_bottleneck(cls), self.trunk.feature_bottleneck(patches)
-        logits = self.dino_head(torch.cat([cls, patches[masks]]))
+        logits = self.dino_head(torch.cat([cls, patches.flatten(0, 1)[mask_indices]]))
         t_cls, t_patch = logits[:cls.shape[0]], logits[cls.shape[0]:]
         if self.loss_cfg.teacher_norm == "sinkhorn":
             n_iters = self.loss_cfg.sinkhorn_iters
@@ -302,7 +304,7 @@ def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler):
     """One micro-step: teacher targets (no grad), the student's losses, and the (scaled) backward of
     total / accum_steps. Returns the loss terms."""
     with autocast():
-        probs = teacher(batch["global_crops"], batch["masks"], temp) if cfg.loss.lambda_ssl > 0 else None
+        probs = teacher(batch["global_crops"], batch["mask_indices"], temp) if cfg.loss.lambda_ssl > 0 else None
         terms, _ = fwd(batch, probs)
     loss = terms["total"] / cfg.train.accum_steps
     (scaler.scale(loss) if scaler else loss).backward()
@@ -344,8 +346,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
     student = Student(cfg, rank, world_size).to(device)
     teacher = Teacher(student).to(device)
     lr_peak = peak_lr(cfg, world_size)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=lr_peak,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = adamw(param_groups(student, cfg.optim.weight_decay), device, lr=lr_peak,
+                      betas=cfg.optim.betas, eps=cfg.optim.eps)
     autocast, scaler = amp_setup(cfg, device)
     step = 0
     if ckpt:
@@ -360,6 +362,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
         print0(f"resumed from {ckpt_path} at step {step}")
     model = DDP(student) if world_size > 1 else student
     fwd = torch.compile(model) if tc.compile else model  # `student` stays the raw module we save and EMA from
+    teacher_fwd = torch.compile(teacher) if tc.compile else teacher  # `teacher` stays the raw module we EMA into
 
     def checkpoint(step):
         check_ranks_in_sync(student, rank, world_size)
@@ -389,9 +392,11 @@ def train_stage1(cfg: Config, rank, world_size, device):
             group["lr"] = lr
         for micro in range(tc.accum_steps):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
+            if tc.compile and batch["mask_indices"].numel() > 1:  # the masked count changes every step:
+                torch._dynamo.mark_dynamic(batch["mask_indices"], 0)  # compile one graph for any count
             sync = micro == tc.accum_steps - 1 or world_size == 1  # all-reduce gradients on the last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
-                terms = forward_backward(fwd, teacher, batch, temp, cfg, autocast, scaler)
+                terms = forward_backward(fwd, teacher_fwd, batch, temp, cfg, autocast, scaler)
             tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
         grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg))
         tracker.add({"grad_norm": grad_norm}, step + 1)
@@ -420,7 +425,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
         bar.close()
     # The DDP wrapper (and the last graph, which holds its hooks) must be gone before the process group is
     # destroyed, or gloo can abort at exit ("terminate called without an active exception").
-    del model, fwd, terms
+    del model, fwd, teacher_fwd, terms
     gc.collect()
     return student
 
@@ -437,6 +442,54 @@ def load_stage1(cfg: Config):
         raise FileNotFoundError(f"stage 2 needs a stage-1 checkpoint: none found at {src!r} "
                                 "(run stage 1 first, or pass --train.init_from=PATH)")
     return path, torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Config, autocast, world_size=1):
+    """
+    One stage-2 step on images x (B, 3, H, W): the frozen encoder's latents, then
+      1) the decoder: L1 + LPIPS + adaptive hinge GAN (discriminator frozen for this pass), clip, AdamW;
+      2) from loss.gan_start on, the discriminator: hinge loss on real images vs. the detached reconstructions.
+    `dec` is the (possibly DDP-wrapped) decoder, `vtp.pixel_decoder` the raw one. With fp16 one GradScaler scales
+    both backward passes and is updated once per step. Returns (loss terms, reconstructions).
+    """
+    lc, decoder = cfg.loss, vtp.pixel_decoder
+    with torch.no_grad(), autocast():
+        z = vtp.encode(x)
+    gan_on = step >= lc.gan_start
+    disc.requires_grad_(False)
+    with autocast():
+        recon = dec(z)
+        rec = rec_loss(recon, x)
+        logits_fake = disc(recon) if gan_on else None
+    g = losses.gan_generator_loss(rec["total"], logits_fake, decoder.proj_out.weight, step, lc.gan_weight,
+                                  lc.gan_start, lc.gan_max_adaptive)
+    (scaler.scale(g["total"]) if scaler else g["total"]).backward()
+    if scaler:
+        scaler.unscale_(opt_g)  # clip the true gradients
+    grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip or float("inf"))
+    if scaler:
+        scaler.step(opt_g)  # skips the step if the fp16 gradients overflowed
+    else:
+        opt_g.step()
+    opt_g.zero_grad(set_to_none=True)
+    terms = {"l1": rec["l1"], "lpips": rec["lpips"], "gan": g["gan"], "adaptive_weight": g["adaptive_weight"],
+             "total": g["total"], "grad_norm": grad_norm}
+    if gan_on:
+        disc.requires_grad_(True)
+        with autocast():
+            d_loss = losses.hinge_d_loss(disc(x), disc(recon.detach()))
+        (scaler.scale(d_loss) if scaler else d_loss).backward()
+        for p in disc.parameters():  # average over processes: the discriminator is not DDP-wrapped
+            p.grad = losses.all_reduce_sum(p.grad) / world_size
+        if scaler:
+            scaler.step(opt_d)
+        else:
+            opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        terms["disc"] = d_loss
+    if scaler:
+        scaler.update()
+    return terms, recon
 
 
 def train_stage2(cfg: Config, rank, world_size, device):
@@ -460,16 +513,18 @@ def train_stage2(cfg: Config, rank, world_size, device):
     decoder = vtp.pixel_decoder.requires_grad_(True).train()
     disc = losses.PatchDiscriminator(3, lc.disc_channels, lc.disc_layers).to(device)
     rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path).to(device)
-    opt_g = torch.optim.AdamW(decoder.parameters(), lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                              weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                              weight_decay=0.0)
-    autocast, _ = amp_setup(cfg, device)
+    opt_g = adamw(decoder.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                  weight_decay=0.0)
+    opt_d = adamw(disc.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                  weight_decay=0.0)
+    autocast, scaler = amp_setup(cfg, device)
     step = 0
     if resume_path:
         disc.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["optimizer"])
         opt_d.load_state_dict(ckpt["opt_d"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         loader.load_state_dict(ckpt["data"])
         step = ckpt["step"]
         print0(f"resumed stage 2 from {resume_path} at step {step}")
@@ -482,38 +537,12 @@ def train_stage2(cfg: Config, rank, world_size, device):
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
-    g = recon = None
+    terms = recon = None
     while step < tc.max_steps:
         torch.manual_seed(tc.seed + 1_000_003 * rank + step)
-        x = next(loader)["images"].to(device)  # (B, 3, H, W)
-        with torch.no_grad(), autocast():
-            z = vtp.encode(x)
-        gan_on = step >= lc.gan_start
-        # 1) decoder: L1 + LPIPS + adaptive hinge GAN (discriminator frozen for this pass)
-        disc.requires_grad_(False)
-        with autocast():
-            recon = dec(z)
-            rec = rec_loss(recon, x)
-            logits_fake = disc(recon) if gan_on else None
-        g = losses.gan_generator_loss(rec["total"], logits_fake, decoder.proj_out.weight, step, lc.gan_weight,
-                                      lc.gan_start, lc.gan_max_adaptive)
-        g["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip or float("inf"))
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        # 2) discriminator: hinge loss on real images vs. the (detached) reconstructions
-        terms = {"l1": rec["l1"], "lpips": rec["lpips"], "gan": g["gan"], "adaptive_weight": g["adaptive_weight"],
-                 "total": g["total"], "grad_norm": grad_norm}
-        if gan_on:
-            disc.requires_grad_(True)
-            with autocast():
-                d_loss = losses.hinge_d_loss(disc(x), disc(recon.detach()))
-            d_loss.backward()
-            for p in disc.parameters():  # average over processes: the discriminator is not DDP-wrapped
-                p.grad = losses.all_reduce_sum(p.grad) / world_size
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            terms["disc"] = d_loss
+        x = next(loader)["images"].to(device, non_blocking=True)  # (B, 3, H, W)
+        terms, recon = stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg, autocast,
+                                   world_size)
         tracker.add(terms, step + 1)
         step += 1
         if bar is not None:
@@ -539,11 +568,12 @@ def train_stage2(cfg: Config, rank, world_size, device):
         if rank == 0 and (step % tc.ckpt_every == 0 or last):
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), {
                 "model": vtp.state_dict(), "discriminator": disc.state_dict(), "optimizer": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(), "step": step, "stage": 2, "config": cfg.to_dict(),
+                "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict() if scaler else None, "step": step,
+                "stage": 2, "config": cfg.to_dict(),
                 "tokenizer": ckpt["tokenizer"], "data": loader.state_dict(), "init_from": src_path})
     if bar is not None:
         bar.close()
-    del dec, g, recon  # as in stage 1: no DDP wrapper or graph may outlive the process group
+    del dec, terms, recon  # as in stage 1: no DDP wrapper or graph may outlive the process group
     gc.collect()
     return vtp
 
