@@ -154,6 +154,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training module
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     seed: int = 0  # seed of every torch.Generator (offset by rank)
+    export: str = ""  # at the end: also write the tokenizer here in the released format (config.json + safetensors)
+    export_dtype: str = "fp32"  # "fp32" | "bf16" weights of the export
 
 
 @dataclass
@@ -296,6 +298,7 @@ CHOICES = {
     "train.stage": (1, 2),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.export_dtype": ("fp32", "bf16"),
     "dit.model": ("tiny", "S", "B", "L", "XL"),
     "dit.patch_size": (1, 2),
     "dit.sampler": ("euler", "heun"),
@@ -1077,15 +1080,88 @@ def load_official_vtp(path, device="cpu"):
     return model.to(device).eval()
 
 
+# The released config.json: fields that hold the architecture we implement, with the one value each can take here.
+OFFICIAL_FIXED = {
+    "decoder_ffn_layer": "swiglu", "decoder_init_values": None, "decoder_norm_layer": "layernorm",
+    "decoder_use_qk_norm": False, "init_logit_bias": None, "init_logit_scale": None, "model_type": "vtp",
+    "nonscalar_logit_scale": False, "text_embed_cls": False, "text_ls_init_value": None, "text_no_causal_mask": False,
+    "text_output_tokens": False, "text_pad_id": 0, "text_pool_type": "argmax", "text_proj_bias": False,
+    "text_proj_type": "linear", "text_quick_gelu": False, "train_clip": True, "train_reconstruction": True,
+    "vision_bottleneck_ae_only": True, "vision_clip_feat": "cls", "vision_ffn_layer": "swiglu",
+    "vision_init_values": None, "vision_norm_layer": "rmsnorm", "vision_use_qk_norm": False}
+TEXT_TOKENIZER_FILE = "text_tokenizer.json"  # our own BPE, written next to an export (the released models use CLIP's)
+
+
+def official_config(cfg: Config):
+    """
+    Our Config -> the released `config.json` dict (the same keys as MiniMaxAI/VTP-*-f16d64). Raises ConfigError
+    naming the first of our options that the released format cannot hold (the authors' code would build another
+    network from it), so an export fails before anything is written.
+    """
+    e, d, t = cfg.encoder, cfg.decoder, cfg.text
+    unsupported = [
+        ("encoder.qk_norm", e.qk_norm, False), ("encoder.latent_features", e.latent_features, False),
+        ("encoder.rope_dtype", e.rope_dtype, "bf16"), ("encoder.rope_base", e.rope_base, 100.0),
+        ("encoder.mlp_hidden", swiglu_hidden(e.width, e.mlp_hidden), swiglu_hidden(e.width)),
+        ("decoder.mlp_hidden", swiglu_hidden(d.width, d.mlp_hidden), swiglu_hidden(d.width)),
+        ("text.embed_dim", t.embed_dim, t.width)]  # the released text_projection is (width, width)
+    for key, value, want in unsupported:
+        if value != want:
+            raise ConfigError(f"cannot export {key}={value!r} in the released VTP format (it holds only {want!r})")
+    return dict(sorted({
+        **OFFICIAL_FIXED, "image_size": e.image_size, "vision_patch_size": e.patch_size, "vision_embed_dim": e.width,
+        "vision_depth": e.depth, "vision_num_heads": e.num_heads, "vision_mlp_ratio": 4.0,
+        "vision_feature_bottleneck": e.latent_dim, "decoder_embed_dim": d.width, "decoder_depth": d.depth,
+        "decoder_num_heads": d.num_heads, "text_vocab_size": t.vocab_size, "text_context_length": t.context_length,
+        "text_embed_dim": t.width, "text_depth": t.depth, "text_num_heads": t.num_heads,
+        "text_mlp_ratio": t.mlp_ratio}.items()))
+
+
+def export_official(model: VTP, cfg: Config, folder, dtype="fp32", tokenizer_state=None):
+    """
+    Write `folder/config.json` + `folder/model.safetensors` in the layout of the released VTP checkpoints, loadable by
+    `load_official_vtp` (and by the authors' code). Weights in fp32 (default) or bf16; the RoPE `periods` stay bf16
+    as released. tokenizer_state: the run's `BPETokenizer.state_dict()`; a tokenizer of our own (not CLIP's
+    vocabulary) is written to folder/text_tokenizer.json, which `load_vtp` reads and the authors' code does not.
+    Returns lines for the log.
+    """
+    hf = official_config(cfg)  # raises before anything is written
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"invalid export dtype {dtype!r}: fp32 or bf16")
+    cast = torch.float32 if dtype == "fp32" else torch.bfloat16
+    tensors = {}
+    for name, t in model.state_dict().items():
+        keep = name.endswith("rope_embed.periods") or not t.is_floating_point()
+        tensors[name] = t.detach().cpu() if keep else t.detach().cpu().to(cast)
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    tmp = os.path.join(folder, f"config.json.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(hf, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "config.json"))
+    notes = [f"exported {len(tensors)} tensors ({dtype}) and config.json to {folder}"]
+    if tokenizer_state is not None and tokenizer_state.get("kind") != "clip":
+        with open(os.path.join(folder, TEXT_TOKENIZER_FILE), "w") as f:
+            json.dump(tokenizer_state, f)
+        notes.append(f"the text tokenizer is our own BPE ({tokenizer_state['vocab_size']} ids), written to "
+                     f"{TEXT_TOKENIZER_FILE}: load_vtp uses it; the authors' code knows only the CLIP vocabulary")
+    return notes
+
+
 def load_vtp(path, device="cpu"):
     """
     Load a tokenizer for the later stages. `path` is one of our checkpoint files (a dict with "model" and
     "config"), a folder of them (the latest `ckpt_*.pt` is used), or a released folder (config.json +
-    model.safetensors). Returns (model in eval mode, Config, checkpoint dict; {} for a released folder).
+    model.safetensors). Returns (model in eval mode, Config, checkpoint dict; {} for a released folder, and
+    {"tokenizer": state} for an export of ours with its own text tokenizer).
     """
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             model = load_official_vtp(path, device)
+            tok = os.path.join(path, TEXT_TOKENIZER_FILE)  # an export of ours with its own BPE
+            if os.path.isfile(tok):
+                with open(tok) as f:
+                    return model, model.cfg, {"tokenizer": json.load(f)}
             return model, model.cfg, {}
         found = latest_checkpoint(path)
         if found is None:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import data
 import losses
-from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_summary, ema_update, latest_checkpoint,
-                   parse_config, print0, save_checkpoint, setup_distributed)
+from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_summary, ema_update, export_official,
+                   latest_checkpoint, official_config, parse_config, print0, save_checkpoint, setup_distributed)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (RECIPE §5-6)
@@ -330,6 +330,13 @@ def optimizer_step(student, teacher, optimizer, scaler, cfg: Config, momentum):
     return grad_norm
 
 
+def export_if_asked(cfg: Config, vtp, tokenizer_state, rank):
+    """--train.export=FOLDER: the trained tokenizer in the released format (config.json + model.safetensors)."""
+    if cfg.train.export and rank == 0:
+        for line in export_official(vtp, cfg, cfg.train.export, cfg.train.export_dtype, tokenizer_state):
+            print0(line)
+
+
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -423,6 +430,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
             checkpoint(step)
     if bar is not None:
         bar.close()
+    export_if_asked(cfg, student.vtp, tokenizer.state_dict(), rank)
     # The DDP wrapper (and the last graph, which holds its hooks) must be gone before the process group is
     # destroyed, or gloo can abort at exit ("terminate called without an active exception").
     del model, fwd, teacher_fwd, terms
@@ -501,6 +509,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
     # the network is the stage-1 one; training settings come from this command line
     src_cfg = Config.from_dict(ckpt["config"])
     cfg.encoder, cfg.decoder, cfg.text, cfg.head = src_cfg.encoder, src_cfg.decoder, src_cfg.text, src_cfg.head
+    if tc.export:
+        official_config(cfg)  # an option the released format cannot hold fails now, not after training
     torch.manual_seed(tc.seed)
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"])
     data_cfg = copy.deepcopy(cfg)  # stage 2 needs only the images: no local crops, the smallest SSL subset
@@ -573,6 +583,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
                 "tokenizer": ckpt["tokenizer"], "data": loader.state_dict(), "init_from": src_path})
     if bar is not None:
         bar.close()
+    export_if_asked(cfg, vtp, ckpt["tokenizer"], rank)
     del dec, terms, recon  # as in stage 1: no DDP wrapper or graph may outlive the process group
     gc.collect()
     return vtp
@@ -584,6 +595,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
 def main(argv=None):
     """Parse the config, set up compute, run stage 1 or 2; returns the trained VTP (raw module)."""
     cfg = parse_config(argv)
+    if cfg.train.export and cfg.train.stage == 1:
+        official_config(cfg)  # an option the released format cannot hold fails at start-up, naming it
     rank, world_size, _, device = setup_distributed(cfg.train.device)
     try:
         out_dir = cfg.train.out_dir if cfg.train.stage == 1 else os.path.join(cfg.train.out_dir, "stage2")
