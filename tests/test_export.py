@@ -61,11 +61,22 @@ def trained(tmp_path_factory):
     student = pretrain.main(SMALL + [f"--train.out_dir={tmp / 'run'}", "--train.max_steps=3",
                                      f"--train.export={export}"])
     ckpt = torch.load(os.path.join(tmp / "run", "ckpt_0000003.pt"), weights_only=True)
-    return student.vtp.eval(), export, ckpt["tokenizer"]
+    return student.vtp.eval(), export, ckpt["tokenizer"], tmp
+
+
+def test_stage2_exports_the_fine_tuned_decoder(trained):
+    _, _, _, tmp = trained
+    export = str(tmp / "exported2")
+    vtp = pretrain.main(SMALL + [f"--train.out_dir={tmp / 'run'}", "--train.stage=2", "--train.max_steps=2",
+                                 f"--train.export={export}"])
+    loaded = load_official_vtp(export)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(vtp.decode(z), loaded.decode(z))
 
 
 def test_round_trip_fp32_is_exact(trained):
-    model, folder, tok = trained
+    model, folder, tok, _ = trained
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "text_tokenizer.json"]
     loaded = load_official_vtp(folder)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -80,7 +91,7 @@ def test_round_trip_fp32_is_exact(trained):
 
 
 def test_round_trip_bf16_within_bf16_tolerance(trained, tmp_path):
-    model, _, _ = trained
+    model, _, _, _ = trained
     export_official(model, model_cfg(), str(tmp_path), dtype="bf16")  # the run's architecture
     st = load_safetensors(str(tmp_path / "model.safetensors"))
     assert st["trunk.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
@@ -96,7 +107,7 @@ def test_round_trip_bf16_within_bf16_tolerance(trained, tmp_path):
 
 
 def test_fp32_file_keeps_fp32_weights_and_bf16_periods(trained):
-    _, folder, _ = trained
+    _, folder, _, _ = trained
     st = load_safetensors(os.path.join(folder, "model.safetensors"))
     assert st["trunk.blocks.0.attn.qkv.weight"].dtype == torch.float32
     assert st["pixel_decoder.rope_embed.periods"].dtype == torch.bfloat16
