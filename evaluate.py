@@ -2,6 +2,7 @@
 Evaluation of a VTP tokenizer and of a DiT trained on its latents (RECIPE §8).
 
     python evaluate.py zero-shot --ckpt=runs/pretrain      # CLIP zero-shot top-1 / top-5 with prompt templates
+    python evaluate.py retrieval --ckpt=runs/pretrain      # image<->text recall@1/5/10 on the val captions
     python evaluate.py probe     --ckpt=runs/pretrain      # linear probe (lr grid, best on val) + k-NN
     python evaluate.py recon     --ckpt=runs/pretrain      # PSNR, SSIM, rFID (or rFD_vtp), LPIPS, a side-by-side PNG
     python evaluate.py gen       --dit_ckpt=runs/dit       # gFID (or gFD_vtp) and Inception Score of DiT samples
@@ -20,7 +21,7 @@ tokenizer itself, which is a lenient judge of its own reconstructions), but its 
 published FID numbers.
 
 The file reads top to bottom: prompt templates -> the gather helper -> FID Inception-v3 -> Fréchet distance /
-Inception Score -> PSNR / SSIM -> zero-shot -> linear probe / k-NN -> feature extraction -> the four subcommands
+Inception Score -> PSNR / SSIM -> zero-shot -> linear probe / k-NN -> feature extraction -> the subcommands
 -> the CLI.
 """
 
@@ -645,7 +646,7 @@ class Evaluator:
 
 
 # -----------------------------------------------------------------------------
-# The four subcommands. Each returns a dict of results (identical on every rank).
+# The subcommands. Each returns a dict of results (identical on every rank).
 
 
 def _class_names(cfg):
@@ -732,6 +733,59 @@ def run_probe(E):
     return {"features": desc, "feature_dim": train_x.shape[1], "num_train": len(train_y), "num_val": len(val_y),
             "linear_top1": lin["top1"], "linear_top5": lin["top5"], "best_lr": lin["best_lr"],
             "per_lr_top1": lin["per_lr"], f"knn{e.knn_k}_top1": knn["top1"], f"knn{e.knn_k}_top5": knn["top5"]}
+
+
+def retrieval_recall(image_feats, text_feats, text_image, ks=(1, 5, 10)):
+    """
+    Image-text retrieval recall@K (the clip_benchmark protocol): image_feats (I, E) and text_feats (T, E)
+    L2-normalized, text_image (T,) int64 = the image each caption describes (an image may have several).
+    image->text: an image is a hit when any of its captions is among its K nearest texts;
+    text->image: a caption is a hit when its image is among its K nearest images. Returns percentages.
+    """
+    sim = text_feats.float() @ image_feats.float().t()  # (T, I)
+    out = {}
+    for k in ks:
+        kt, ki = min(k, sim.shape[1]), min(k, sim.shape[0])
+        t2i = (sim.topk(kt, dim=1).indices == text_image[:, None]).any(dim=1)  # (T,)
+        top_texts = sim.topk(ki, dim=0).indices  # (ki, I): the K best captions of each image
+        i2t = (text_image[top_texts] == torch.arange(sim.shape[1])[None]).any(dim=0)  # (I,)
+        out[f"image_to_text_R@{k}"] = 100.0 * i2t.float().mean().item()
+        out[f"text_to_image_R@{k}"] = 100.0 * t2i.float().mean().item()
+    return out
+
+
+def _image_keys(dataset, indices):
+    """One identity per sample: its image path for map-style readers (a JSONL may list an image once per caption),
+    else its index (tar shards: one caption per sample; built-in scenes)."""
+    items = getattr(dataset, "items", None)
+    return [items[i][0] for i in indices] if items is not None else list(indices)
+
+
+def run_retrieval(E):
+    """
+    Image<->text retrieval recall@1/5/10 on the val split's captions (the first eval.num_images samples; several
+    captions of one image are grouped by its path). Zero-shot needs class names; retrieval works on any captions.
+    """
+    model, cfg, ckpt = E.vtp()
+    if cfg.data.dataset == "imagenet":
+        return {"skipped": "data.dataset=imagenet has template captions, not descriptions of the images"}
+    tokenizer, amp = _text_tokenizer(cfg, ckpt), _amp(cfg, E.device)
+    img, txt, idx = [], [], []
+    for batch in E.bar(E.loader(cfg, "val", cfg.eval.num_images), "retrieval"):
+        with torch.no_grad(), amp:
+            img.append(model.image_features(batch["images"].to(E.device)).float().cpu())
+            txt.append(model.text_features(tokenizer(batch["captions"]).to(E.device)).float().cpu())
+        idx.append(batch["index"].cpu())
+    img, txt, idx = (gather_cat(torch.cat(x)) for x in (img, txt, idx))
+    keys = _image_keys(build_dataset(cfg, "val"), idx.tolist())
+    first_row = {}  # image key -> the first row (sample) showing it
+    for row, k in enumerate(keys):
+        first_row.setdefault(k, row)
+    image_id = {k: i for i, k in enumerate(first_row)}
+    text_image = torch.tensor([image_id[k] for k in keys])  # (T,) the image of each caption
+    images = F.normalize(img[list(first_row.values())], dim=-1)  # (I, E): one feature per distinct image
+    res = retrieval_recall(images, F.normalize(txt, dim=-1), text_image)
+    return {**res, "num_images": len(first_row), "num_captions": len(keys)}
 
 
 def run_recon(E):
@@ -871,9 +925,10 @@ def run_gen(E):
 # -----------------------------------------------------------------------------
 # CLI
 
-COMMANDS = {"zero-shot": run_zero_shot, "probe": run_probe, "recon": run_recon, "gen": run_gen}
+COMMANDS = {"zero-shot": run_zero_shot, "retrieval": run_retrieval, "probe": run_probe, "recon": run_recon,
+            "gen": run_gen}
 ALIASES = {"ckpt": "eval.ckpt", "dit_ckpt": "eval.dit_ckpt", "gen_npz": "eval.gen_npz"}
-USAGE = ("usage: python evaluate.py {zero-shot,probe,recon,gen,all} --ckpt=PATH [--dit_ckpt=PATH | --gen_npz=FILE] "
+USAGE = ("usage: python evaluate.py {zero-shot,retrieval,probe,recon,gen,all} --ckpt=PATH [--dit_ckpt=PATH | --gen_npz=FILE] "
          "[--eval.inception_path=pt_inception-2015-12-05-6726825d.pth] [--key=value ...]")
 
 

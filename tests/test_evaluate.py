@@ -380,6 +380,7 @@ def test_cli_all_without_dit_skips_gen(tiny_ckpt, tmp_path, capsys):
     assert "gen skipped" in printed and "FD_vtp" in printed and "NOT FID" in printed
     assert res["gen"] == {"skipped": "no --dit_ckpt given"}
     zs, probe, rec = res["zero-shot"], res["probe"], res["recon"]
+    assert res["retrieval"]["num_images"] == 16 and "image_to_text_R@5" in res["retrieval"]
     assert zs["num_images"] == 16 and zs["num_classes"] == 8 and 0 <= zs["top1"] <= zs["top5"] <= 100
     assert probe["num_train"] == probe["num_val"] == 16 and probe["feature_dim"] == 2 * Config().encoder.width
     assert 0 <= probe["linear_top1"] <= 100 and "knn20_top1" in probe
@@ -479,3 +480,39 @@ def test_cli_errors(tmp_path):
         ev.main(["zero-shot", f"--eval.out={tmp_path / 'r.json'}"])
     with pytest.raises(FileNotFoundError, match="DiT checkpoint"):
         ev.main(["gen", f"--dit_ckpt={tmp_path / 'nothing'}", f"--eval.out={tmp_path / 'r.json'}"])
+
+
+def test_retrieval_recall_hand_worked():
+    """3 images, 4 captions (image 0 has two); the last caption is nearer image 2 than its own image 1."""
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0], [0.6, 0, 0.8]])
+    r = ev.retrieval_recall(images, texts, torch.tensor([0, 0, 2, 1]), ks=(1, 5))
+    assert r["text_to_image_R@1"] == 75.0  # captions 0, 1, 2 find their image first; caption 3 finds image 2
+    assert r["image_to_text_R@1"] == pytest.approx(200 / 3)  # image 1's best caption (0.6) is image 0's
+    assert r["text_to_image_R@5"] == r["image_to_text_R@5"] == 100.0  # K beyond the candidates: everything
+
+
+def test_cli_retrieval_groups_captions_of_one_image(tiny_ckpt, tmp_path):
+    """A JSONL caption set with two captions per image: recall is over the 6 distinct images (not 12), so R@10
+    ranks every image and is 100% both ways even for an untrained model."""
+    from PIL import Image
+
+    images = _real_images(6)
+    lines = []
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        lines += [json.dumps({"image": f"{i}.png", "caption": f"picture number {i}"}),
+                  json.dumps({"image": f"{i}.png", "caption": f"another caption of {i}"})]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
+    flags = [f"--ckpt={tiny_ckpt}", f"--eval.out={tmp_path / 'r.json'}", "--data.dataset=jsonl",
+             f"--data.val_path={tmp_path / 'val.jsonl'}", "--eval.batch_size=5"]
+    res = ev.main(["retrieval"] + flags)["retrieval"]
+    assert res["num_images"] == 6 and res["num_captions"] == 12
+    assert all(0 <= res[f"{d}_R@{k}"] <= 100 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
+    assert res["image_to_text_R@10"] == res["text_to_image_R@10"] == 100.0  # 6 images: R@10 sees all of them
+
+
+def test_cli_retrieval_on_builtin_captions(tiny_ckpt, tmp_path):
+    res = ev.main(["retrieval", f"--ckpt={tiny_ckpt}", f"--eval.out={tmp_path / 'r.json'}"] + SMALL)["retrieval"]
+    assert res["num_images"] == res["num_captions"] == 16  # one caption per built-in scene
+    assert res["text_to_image_R@1"] <= res["text_to_image_R@5"] <= res["text_to_image_R@10"]
