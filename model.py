@@ -439,9 +439,13 @@ def parse_config(argv=None, aliases=None):
     return validate_config(cfg)
 
 
-def config_summary(cfg):
-    """The final config as `key=value` lines, for the start-up print."""
-    return "\n".join(f"  {k}={_get(cfg, k)}" for k in _all_keys(cfg))
+def config_summary(cfg, where="config.json"):
+    """For the start-up print: the values that differ from the preset's, as `key=value` lines (the full config is
+    saved to `where`)."""
+    base = PRESETS[cfg.preset]() if cfg.preset in PRESETS else Config()
+    changed = [f"  {k}={_get(cfg, k)}  (preset: {_get(base, k)})" for k in _all_keys(cfg) if _get(cfg, k) != _get(base, k)]
+    head = f"config: preset {cfg.preset}, " + (f"{len(changed)} value(s) changed" if changed else "unchanged")
+    return "\n".join([f"{head} (full config in {where})"] + changed)
 
 
 # -----------------------------------------------------------------------------

@@ -602,7 +602,7 @@ def main(argv=None):
         out_dir = cfg.train.out_dir if cfg.train.stage == 1 else os.path.join(cfg.train.out_dir, "stage2")
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-            print0("config:\n" + config_summary(cfg))
+            print0(config_summary(cfg, os.path.join(out_dir, "config.json")))
             with open(os.path.join(out_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
         train = train_stage1 if cfg.train.stage == 1 else train_stage2

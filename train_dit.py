@@ -702,7 +702,7 @@ def main(argv=None):
     rank, world_size, local_rank, device = setup_distributed(d.device)
     amp = autocast(device, amp_dtype(d.amp, device))
     scaler = torch.amp.GradScaler("cuda") if d.amp == "fp16" else None
-    print0(f"config:\n{config_summary(cfg)}")
+    print0(config_summary(cfg, "the checkpoints"))
     os.makedirs(d.out_dir, exist_ok=True)
     # 3. tokenizer, resume checkpoint, latent cache
     vtp, tok_cfg = load_tokenizer(d.tokenizer, device)

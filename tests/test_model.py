@@ -425,3 +425,12 @@ def test_config_dict_round_trip():
 def test_cli_errors_name_the_field(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(argv)
+
+
+def test_config_summary_prints_only_what_differs_from_the_preset():
+    from model import config_summary
+    assert config_summary(parse_config([])).splitlines() == ["config: preset tiny, unchanged (full config in "
+                                                             "config.json)"]
+    lines = config_summary(parse_config(["--preset=S", "--train.max_steps=10", "--loss.lambda_ssl=0"])).splitlines()
+    assert lines[0].startswith("config: preset S, 2 value(s) changed")
+    assert lines[1:] == ["  loss.lambda_ssl=0.0  (preset: 1.0)", "  train.max_steps=10  (preset: 100000)"]
