@@ -19,6 +19,7 @@ How the stage scripts use it:
     for batch in build_eval_loader(cfg, "val", image_size, batch_size, rank, world_size): ...
 """
 
+import copy
 import gzip
 import hashlib
 import html
@@ -687,7 +688,7 @@ class CaptionFolder(_ImageList):
             print(f"data[folder]: {root}: skipped {self.num_missing_caption} images without a same-name .txt caption",
                   file=sys.stderr, flush=True)
         if not self.items:
-            raise ValueError(f"{key}={root!r} holds no image with a same-name .txt caption "
+            raise ConfigError(f"{key}={root!r} holds no image with a same-name .txt caption "
                              f"({self.num_missing_caption} images without one)")
 
     def caption(self, i):
@@ -727,7 +728,7 @@ class JsonlCaptions(_ImageList):
             print(f"data[jsonl]: {path}: skipped {self.num_missing_caption} records without a caption and "
                   f"{self.num_bad_lines} malformed lines", file=sys.stderr, flush=True)
         if not self.items:
-            raise ValueError(f"{key}={path!r} holds no record with an image and a caption")
+            raise ConfigError(f"{key}={path!r} holds no record with an image and a caption")
 
     def caption(self, i):
         return self.items[i][1]
@@ -755,7 +756,7 @@ class ImageFolderClasses(_ImageList):
                 self.items += [(os.path.join(dirpath, n), label) for n in sorted(filenames)
                                if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
         if not self.items:
-            raise ValueError(f"{key}={root!r} holds no class folder with images (expected root/<class>/<image>)")
+            raise ConfigError(f"{key}={root!r} holds no class folder with images (expected root/<class>/<image>)")
 
     def caption(self, i):
         name = self.class_names[self.items[i][1]]
@@ -811,8 +812,20 @@ class TarShards:
                                     f"exist, e.g. {missing[0]!r}" if missing else "no .tar shards found"))
         self.skips = SkipCounter("tar")
 
+    holdout, role = 0, "all"  # set by held_out(): the first `holdout` samples of shard 0 are validation data
+
     def read_shard(self, shard, start=0):
-        """Yield (k, key, {ext: bytes}) for key groups k >= start of shard `shard`, in stored order."""
+        """Yield (k, key, {ext: bytes}) for key groups k >= start of shard `shard`, in stored order (without a
+        held-out slice for the training view, only it for the validation view)."""
+        if shard == 0 and self.role == "train":
+            start = max(start, self.holdout)
+        stop = self.holdout if self.role == "val" else None
+        for k, key, files in self._read_shard(shard, start):
+            if stop is not None and k >= stop:
+                return
+            yield k, key, files
+
+    def _read_shard(self, shard, start=0):
         url, key, files, k = self.urls[shard], None, {}, -1
         try:
             with tarfile.open(url, "r|*") as tar:  # streaming mode: one sequential pass, works on pipes
@@ -895,7 +908,7 @@ def _check_usable(dataset, key):
                 return dataset[i]
             except UnreadableSample as e:
                 errors.append(str(e))
-    raise ValueError(f"{key}: none of the first {len(errors)} samples is usable (last error: "
+    raise ConfigError(f"{key}: none of the first {len(errors)} samples is usable (last error: "
                      f"{errors[-1] if errors else 'no samples'})")
 
 
@@ -1060,7 +1073,7 @@ class _MapBatches(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the data set has {len(dataset)} samples, fewer than one global batch "
+            raise ConfigError(f"the data set has {len(dataset)} samples, fewer than one global batch "
                              f"(data.batch_size={batch_size} x world_size={world_size})")
         self.t, self._order = 0, (None, None)
 
@@ -1198,7 +1211,8 @@ class PretrainLoader:
 def build_dataset(cfg, split, image_size=None):
     """
     The data set of `split` ("train" | "val"): builtin scenes (drawn at `image_size`, default encoder.image_size),
-    or a reader of data.path (train) / data.val_path (val). Map-style readers give samples {"image": PIL RGB,
+    or a reader of data.path (train) / data.val_path (val; without it a held-back slice of data.path, see
+    `held_out`). Map-style readers give samples {"image": PIL RGB,
     "caption": str, "label": int (labelled data only)} and have `class_names` (None when unlabelled); tar
     shards are iterable only. Fails here, naming the field, on a missing path or one without a usable sample.
     """
@@ -1212,10 +1226,35 @@ def build_dataset(cfg, split, image_size=None):
     if d.dataset not in readers:
         raise ConfigError(f"invalid config value data.dataset={d.dataset!r}: valid choices are builtin, "
                           + ", ".join(readers))
-    key = "data.path" if split == "train" else "data.val_path"
-    dataset = readers[d.dataset](d.path if split == "train" else d.val_path, key)
+    hold = not d.val_path and d.holdout > 0  # no validation data: a fixed slice of the training data is held back
+    key = "data.val_path" if split == "val" and not hold else "data.path"
+    dataset = readers[d.dataset](d.val_path if key == "data.val_path" else d.path, key)
+    if hold:
+        dataset = held_out(dataset, d.holdout, split)
     _check_usable(dataset, key)
     return dataset
+
+
+def held_out(dataset, n, split):
+    """
+    Split a reader of data.path into training and validation views when there is no data.val_path: validation =
+    the last n samples (at most a tenth) of a map-style reader, or the first n samples of the first tar shard
+    (sorted order); training never sees them. Returns the view of `split`; the training view says so in the log.
+    """
+    view = copy.copy(dataset)
+    if isinstance(dataset, TarShards):
+        view.holdout, view.role = n, split
+        if split == "val":
+            view.urls = dataset.urls[:1]
+        what = f"the first {n} samples of {dataset.urls[0]}"
+    else:
+        n = max(1, min(n, len(dataset.items) // 10))
+        view.items = dataset.items[-n:] if split == "val" else dataset.items[:-n]
+        what = f"the last {n} of {len(dataset.items)} samples"
+    if split == "train":
+        print(f"data: no data.val_path: {what} are held back for validation and previews (not trained on)",
+              file=sys.stderr, flush=True)
+    return view
 
 
 def build_tokenizer(cfg):

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
 from losses import LPIPS
 from model import (Config, ConfigError, cleanup_distributed, latest_checkpoint, load_vtp, parse_config, print0,
-                   set_config_value, setup_distributed, validate_config)
+                   run_cli, set_config_value, setup_distributed, validate_config)
 from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
@@ -1013,4 +1013,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -107,6 +107,7 @@ class DataConfig:
     dataset: str = "builtin"  # "builtin" | "folder" | "jsonl" | "tar" | "imagenet"
     path: str = ""  # root folder, JSONL file, or tar brace pattern (not used by builtin)
     val_path: str = ""  # validation data of the same kind (builtin uses its val split)
+    holdout: int = 1000  # without val_path: training samples held back as validation data (data.held_out); 0 = none
     batch_size: int = 32  # B: image-text pairs per process per micro-step (all feed CLIP)
     ssl_batch_size: int = 8  # B_ssl: random subset of the B samples that feeds SSL (paper 16k/4k)
     rec_batch_size: int = 16  # B_rec: random subset that feeds reconstruction (paper 16k/2k; tiny: more, for CPU)
@@ -392,6 +393,7 @@ def validate_config(cfg):
                 "train.accum_steps", "train.log_every", "train.ckpt_every", "train.preview_every", "optim.lr_ref_batch",
                 "dit.batch_size", "dit.max_steps", "dit.num_sample_steps"):
         need(_get(cfg, key) >= 1, key, "must be >= 1")
+    need(cfg.data.holdout >= 0, "data.holdout", "must be >= 0")
     b = cfg.data.batch_size
     need(cfg.data.ssl_batch_size <= b, "data.ssl_batch_size", f"must be <= data.batch_size={b}")
     need(cfg.data.rec_batch_size <= b, "data.rec_batch_size", f"must be <= data.batch_size={b}")
@@ -479,6 +481,16 @@ def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_cli(main):
+    """Run a script's main(); a config or data problem (ConfigError, a missing file) ends it with one line that
+    names the flag, and exit code 2, instead of a traceback."""
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def print0(*args, **kwargs):

@@ -31,7 +31,8 @@ from tqdm import tqdm
 import data
 import losses
 from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_summary, ema_update, export_official,
-                   latest_checkpoint, official_config, parse_config, print0, save_checkpoint, setup_distributed)
+                   latest_checkpoint, official_config, parse_config, print0, run_cli, save_checkpoint,
+                   setup_distributed)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (RECIPE §5-6)
@@ -612,4 +613,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
 from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, cleanup_distributed,
-                   config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0, save_checkpoint,
-                   setup_distributed, swiglu_hidden)
+                   config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0, run_cli,
+                   save_checkpoint, setup_distributed, swiglu_hidden)
 
 ALIASES = {"tokenizer": "dit.tokenizer"}
 
@@ -884,4 +884,4 @@ def sample_main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

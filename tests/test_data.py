@@ -22,6 +22,7 @@ def small_cfg(**data_fields):
     d = cfg.data
     d.batch_size, d.ssl_batch_size, d.rec_batch_size, d.num_local_crops = 8, 4, 2, 2
     d.builtin_train_size, d.builtin_val_size = 40, 12
+    d.holdout = 0  # the readers' tests use all of data.path (tests/test_real_data.py covers the held-back slice)
     for k, v in data_fields.items():
         setattr(d, k, v)
     return cfg
