@@ -1308,9 +1308,11 @@ def build_pretrain_loader(cfg, tokenizer, rank=0, world_size=1):
     return PretrainLoader(stream, d.num_workers)
 
 
-def _eval_batch(samples, indices, image_size):
-    """Samples -> {"images": (b, 3, S, S) normalized ADM centre crops, "captions", "index", ["labels"]}."""
-    images = _stack_normalized([adm_center_crop(s["image"], image_size) for s in samples])  # (b, 3, S, S)
+def _eval_batch(samples, indices, image_size, squash=False):
+    """Samples -> {"images": (b, 3, S, S) normalized ADM centre crops (or squashed: `resize`), "captions", "index",
+    ["labels"]}."""
+    fit = resize if squash else adm_center_crop
+    images = _stack_normalized([fit(s["image"], image_size) for s in samples])  # (b, 3, S, S)
     batch = {"images": images, "captions": [s["caption"] for s in samples],
              "index": torch.tensor(indices, dtype=torch.long)}
     if "label" in samples[0]:
@@ -1321,8 +1323,8 @@ def _eval_batch(samples, indices, image_size):
 class _EvalChunks(torch.utils.data.Dataset):
     """Chunk c = one evaluation batch of a map-style data set; unreadable samples are skipped (None if all are)."""
 
-    def __init__(self, dataset, chunks, image_size):
-        self.dataset, self.chunks, self.image_size = dataset, chunks, image_size
+    def __init__(self, dataset, chunks, image_size, squash=False):
+        self.dataset, self.chunks, self.image_size, self.squash = dataset, chunks, image_size, squash
 
     def __len__(self):
         return len(self.chunks)
@@ -1335,7 +1337,7 @@ class _EvalChunks(torch.utils.data.Dataset):
                 indices.append(i)
             except UnreadableSample as e:
                 self.dataset.skips(f"sample {i}", e)
-        return _eval_batch(samples, indices, self.image_size) if samples else None
+        return _eval_batch(samples, indices, self.image_size, self.squash) if samples else None
 
 
 class EvalLoader:
@@ -1344,8 +1346,8 @@ class EvalLoader:
     indices r, r + world_size, ...; `index` gives each sample's global index so ranks can be merged.
     """
 
-    def __init__(self, dataset, image_size, batch_size, rank, world_size, max_images, num_workers):
-        self.dataset, self.image_size, self.batch_size = dataset, image_size, batch_size
+    def __init__(self, dataset, image_size, batch_size, rank, world_size, max_images, num_workers, squash=False):
+        self.dataset, self.image_size, self.batch_size, self.squash = dataset, image_size, batch_size, squash
         self.rank, self.world_size, self.max_images, self.num_workers = rank, world_size, max_images, num_workers
         if not isinstance(dataset, TarShards):
             n = len(dataset) if max_images is None else min(len(dataset), max_images)
@@ -1361,7 +1363,7 @@ class EvalLoader:
         if isinstance(self.dataset, TarShards):
             yield from self._tar_batches()
             return
-        chunks = _EvalChunks(self.dataset, self.chunks, self.image_size)
+        chunks = _EvalChunks(self.dataset, self.chunks, self.image_size, self.squash)
         loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=self.num_workers,
                                              collate_fn=_identity, pin_memory=torch.cuda.is_available())
         yield from (b for b in loader if b is not None)
@@ -1380,17 +1382,18 @@ class EvalLoader:
                         self.dataset.skips(f"{self.dataset.urls[shard]}:{key}", e)
                 index += 1
                 if len(samples) == self.batch_size:
-                    yield _eval_batch(samples, indices, self.image_size)
+                    yield _eval_batch(samples, indices, self.image_size, self.squash)
                     samples, indices = [], []
         if samples:
-            yield _eval_batch(samples, indices, self.image_size)
+            yield _eval_batch(samples, indices, self.image_size, self.squash)
 
 
-def build_eval_loader(cfg, split, image_size, batch_size, rank=0, world_size=1, max_images=None):
+def build_eval_loader(cfg, split, image_size, batch_size, rank=0, world_size=1, max_images=None, squash=False):
     """
     Evaluation / latent-caching batches of `split` at `image_size`: {"images": (b, 3, S, S) ImageNet-normalized
     ADM centre crops, "labels": (b,) int64 (labelled data), "captions": list, "index": (b,) int64 global indices}.
     Rank r gets indices r::world_size of the first max_images samples, in a fixed order; data.num_workers workers.
+    squash=True resizes to S x S without cropping (the zero-shot protocol) instead of the ADM centre crop.
     """
     dataset = build_dataset(cfg, split, image_size)
-    return EvalLoader(dataset, image_size, batch_size, rank, world_size, max_images, cfg.data.num_workers)
+    return EvalLoader(dataset, image_size, batch_size, rank, world_size, max_images, cfg.data.num_workers, squash)

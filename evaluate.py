@@ -635,10 +635,11 @@ class Evaluator:
                 self._lpips = LPIPS().load_weights(vgg, lin).to(self.device)
         return self._lpips
 
-    def loader(self, cfg, split, num_images, image_size=None):
-        """This rank's disjoint shard of the first `num_images` images of `split`, ADM centre crops."""
+    def loader(self, cfg, split, num_images, image_size=None, squash=False):
+        """This rank's disjoint shard of the first `num_images` images of `split`: ADM centre crops, or squashed to
+        the model's size without cropping (squash=True, the zero-shot protocol)."""
         return build_eval_loader(cfg, split, image_size or cfg.encoder.image_size, cfg.eval.batch_size,
-                                 rank=self.rank, world_size=self.world_size, max_images=num_images)
+                                 rank=self.rank, world_size=self.world_size, max_images=num_images, squash=squash)
 
     def bar(self, iterable, desc):
         """tqdm on rank 0 only."""
@@ -669,9 +670,9 @@ def _text_tokenizer(cfg, ckpt):
 
 def run_zero_shot(E):
     """
-    Zero-shot top-1 / top-5 on the val split: cosine of image features with per-class prompt embeddings. The
-    released protocol squashes ImageNet val images to 256x256; here every subcommand reads the eval loader's ADM
-    centre crops (the same thing for square images such as the built-in scenes).
+    Zero-shot top-1 / top-5 on the val split: cosine of image features with per-class prompt embeddings. Images
+    are squashed to the model's size without cropping, as in the VTP zero-shot protocol (ImageNet val at 256x256);
+    the other subcommands read ADM centre crops (the same thing for square images such as the built-in scenes).
     """
     model, cfg, ckpt = E.vtp()
     names = _class_names(cfg)
@@ -687,7 +688,7 @@ def run_zero_shot(E):
     with amp:
         weights = zero_shot_classifier(model, _text_tokenizer(cfg, ckpt), names, templates, E.device)  # (E, C)
     logits, labels = [], []
-    for batch in E.bar(E.loader(cfg, "val", cfg.eval.num_images), "zero-shot images"):
+    for batch in E.bar(E.loader(cfg, "val", cfg.eval.num_images, squash=True), "zero-shot images"):
         with torch.no_grad(), amp:
             f = model.image_features(batch["images"].to(E.device), normalize=True)
         logits.append((F.normalize(f.float(), dim=-1) @ weights).cpu())  # (b, C)

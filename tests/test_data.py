@@ -554,3 +554,16 @@ def test_eval_loader_shards_ranks_in_a_fixed_order():
                 assert torch.allclose(b["images"][row], expect, atol=1e-5)
                 assert b["labels"][row] == ds[i]["label"] and b["captions"][row] == ds[i]["caption"]
     assert seen == {i: i % 2 for i in range(10)}
+
+
+def test_eval_loader_squash_keeps_the_whole_image(tmp_path):
+    """A wide image: the ADM crop keeps its centre only, the squash (zero-shot protocol) keeps both ends."""
+    img = Image.new("RGB", (64, 16), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 16, 16))  # a red square at the left end
+    img.save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("a wide image")
+    cfg = small_cfg(dataset="folder", path=str(tmp_path), val_path=str(tmp_path))
+    crop = next(iter(data.build_eval_loader(cfg, "val", 16, 1)))["images"]
+    squash = next(iter(data.build_eval_loader(cfg, "val", 16, 1, squash=True)))["images"]
+    red = lambda x: data.denormalize(x)[0, 0, :, :3].mean().item()  # noqa: E731  left columns, red channel
+    assert red(crop) < 0.05 and red(squash) > 0.9
