@@ -1,5 +1,6 @@
 """
-Throughput benchmarks on synthetic inputs of the right shapes, so they measure the models and not the data pipeline.
+Throughput benchmarks on synthetic inputs of the right shapes, so they measure the models and not the data pipeline
+(--real_data: stage 1 on the configured data, with the time spent waiting for batches).
 
     python scripts/benchmark.py                                          # stage-1 step, tiny preset, on CPU
     python scripts/benchmark.py --preset=B --compile                     # on a GPU (bf16): img/s, memory, MFU
@@ -8,6 +9,8 @@ Throughput benchmarks on synthetic inputs of the right shapes, so they measure t
     python scripts/benchmark.py --what=dit --dit_model=XL --batch=256    # DiT-XL/1 training step on f16d64 latents
     python scripts/benchmark.py --what=sample --dit_model=XL --batch=64  # 250-step Euler sampling + decoding
     python scripts/benchmark.py --what=fid --batch=250                   # FID Inception features (fp32)
+    python scripts/benchmark.py --real_data --data.dataset=tar --data.path='shards/{00000..00007}.tar'
+                                                      # stage 1 on real batches: the data loader's share of a step
 
 What one step is:
   stage1  one pre-training step: teacher forward, student forward (CLIP + SSL + reconstruction), backward, AdamW, EMA
@@ -160,11 +163,19 @@ def build_stage1(cfg, args, device):
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
     autocast, scaler = amp_setup(cfg, device)
     batch = synthetic_batch(cfg, device, torch.Generator().manual_seed(0))
+    loader = data.build_pretrain_loader(cfg, data.build_tokenizer(cfg)) if args.real_data else None
+    waits = []  # --real_data: seconds the step waited for its batch
 
     def step():
-        forward_backward(fwd, teacher_fwd, batch, 0.07, cfg, autocast, scaler)
+        b = batch
+        if loader is not None:  # the real loader (data.num_workers workers): time the wait for the next batch
+            t0 = time.perf_counter()
+            b = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
+            waits.append(time.perf_counter() - t0)
+        forward_backward(fwd, teacher_fwd, b, 0.07, cfg, autocast, scaler)
         optimizer_step(student, teacher, opt, scaler, cfg, 0.999)
 
+    step.waits = waits
     parts = stage1_flops(cfg, batch["mask_indices"].numel())
     return step, cfg.data.batch_size, parts, student
 
@@ -323,6 +334,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the trained module (and the teacher)")
     ap.add_argument("--lpips", action="store_true", help="include LPIPS (random VGG weights) in the reconstruction")
     ap.add_argument("--check", action="store_true", help="CUDA: count host syncs and recompiles, list kernels")
+    ap.add_argument("--real_data", action="store_true",
+                    help="stage1: batches from the configured data (--data.*) instead of synthetic ones, and the "
+                         "loader's share of the step time")
     args, rest = ap.parse_known_args()
     cfg = parse_config(rest)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
@@ -346,6 +360,8 @@ def main():
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    waits = getattr(step, "waits", [])
+    waits.clear()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -372,6 +388,10 @@ def main():
     else:
         print(f"batch {n_img}")
     print(f"{dt * 1000:.1f} ms/step | {n_img / dt:.1f} img/s | {flops / 1e12:.3f} TFLOP/step")
+    if waits:
+        wait = sum(waits) / len(waits)
+        print(f"data loader ({cfg.data.dataset}, {cfg.data.num_workers} workers): {1000 * wait:.1f} ms/step waiting "
+              f"for the next batch, {100 * wait / dt:.0f}% of the step time")
     if cuda:
         mfu = flops / dt / (args.peak_tflops * 1e12)
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | MFU {100 * mfu:.1f}% "

@@ -16,7 +16,7 @@ import benchmark  # noqa: E402
 
 SMALL = ["--encoder.depth=1", "--decoder.depth=1", "--text.depth=1", "--data.batch_size=8",
          "--data.ssl_batch_size=4", "--data.rec_batch_size=4", "--data.num_local_crops=2"]
-ARGS = argparse.Namespace(compile=False, lpips=False, batch=4, dit_model="tiny", sample_steps=2)
+ARGS = argparse.Namespace(compile=False, lpips=False, batch=4, dit_model="tiny", sample_steps=2, real_data=False)
 
 
 @pytest.mark.parametrize("extra", [[], ["--loss.lambda_clip=0"], ["--loss.lambda_ssl=0", "--loss.lambda_clip=0"],
@@ -53,3 +53,14 @@ def test_other_steps_run(what):
     assert n_img == 4
     changed = any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert changed == (what in ("stage2", "dit"))  # training steps update the module, the others do not
+
+
+def test_stage1_on_real_batches_times_the_loader():
+    cfg = parse_config(SMALL)
+    args = argparse.Namespace(**{**vars(ARGS), "real_data": True})
+    step, _, _, student = benchmark.build_stage1(cfg, args, torch.device("cpu"))
+    w0 = student.vtp.trunk.blocks[0].attn.qkv.weight.detach().clone()
+    step()
+    step()
+    assert len(step.waits) == 2 and all(w > 0 for w in step.waits)
+    assert not torch.equal(w0, student.vtp.trunk.blocks[0].attn.qkv.weight)
