@@ -74,6 +74,7 @@ class HeadConfig:
     bottleneck_dim: int = 256  # L2-normalized bottleneck before the prototypes
     num_prototypes: int = 1024  # K, the number of prototypes (65536 for S/B/L)
     nlayers: int = 3  # MLP layers before the bottleneck projection counts as the last one
+    freeze_last_layer_steps: int = 0  # prototypes get no update for this many steps (DINOv2: 1 epoch = 1250 its)
 
 
 @dataclass
