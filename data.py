@@ -482,7 +482,8 @@ class BuiltinScenes:
     The default data set: `size` captioned scenes of the `split` ("train" or "val"), drawn at image_size x
     image_size on the fly. A scene is a textured background (plain / noisy / striped / checkered, 4 colours) with a
     main object (8 shapes, 10 colours, 3 sizes >= 40% of the side, anywhere) and sometimes a tiny second object;
-    its caption comes from the attributes through templates and synonyms. Train and val scenes are disjoint: the
+    its caption names the main shape always and the other attributes sometimes (`MENTION_P`), with synonyms; the
+    names it uses are kept in the scene's "mentions". Train and val scenes are disjoint: the
     split name is part of every scene's seed. Samples: {"image": PIL RGB, "caption": str, "label": shape index}.
     """
 
@@ -551,7 +552,8 @@ class BuiltinScenes:
             text += " " + pick(POSITION_PHRASES[main["position"]])
         if "second" in said:
             second = scene["objects"][1]
-            o2 = _with_article(f"{pick(SIZE_WORDS[second['size']])} {second['color']} {pick(SHAPE_WORDS[second['shape']])}")
+            words2 = [pick(SIZE_WORDS[second["size"]]), second["color"], pick(SHAPE_WORDS[second["shape"]])]
+            o2 = _with_article(" ".join(words2))
             text += pick(SECOND_OBJECT_JOINS).format(o2=o2)
         if "background" in said:
             pattern = "" if scene["pattern"] == "plain" else scene["pattern"] + " "
