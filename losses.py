@@ -5,6 +5,7 @@ Every objective of VTP (arXiv 2512.13687), RECIPE §5, each a small function or 
     L_clip  symmetric InfoNCE over the global batch                             (`clip_loss`)
     L_ssl   = L_dino + L_ibot + koleo_weight·L_koleo                            (`dino_loss`, `ibot_loss`, `koleo_loss`)
             teacher targets by Sinkhorn-Knopp or EMA centering                  (`sinkhorn_knopp`, `TeacherCentering`)
+            collapse monitor: entropy of targets and predictions vs log K       (`ssl_entropies`)
     L_rec   = L1 + LPIPS                                                        (`ReconstructionLoss`, `LPIPS`)
   Stage 2:  decoder-only GAN fine-tune                                          (`PatchDiscriminator`, `hinge_d_loss`,
             L_rec + gan_weight·w_adaptive·L_adv                                  `gan_generator_loss`)

@@ -71,8 +71,8 @@ class TextConfig:
 @dataclass
 class HeadConfig:
     # tiny [ours]: K / bottleneck = 16 leaves the MLP no prototype-poor direction to hide in (DINOv2: 65536 / 256),
-    # and K is small next to the 2*B_ssl teacher rows that Sinkhorn-Knopp spreads over the prototypes: each row can
-    # put at most 2*B_ssl/K of its mass on one prototype, so K = 1024 with 16 rows kept every target near log K.
+    # and K is not much larger than the 2*B_ssl teacher rows of the global batch: at convergence Sinkhorn-Knopp gives
+    # each prototype a total mass of 2*B_ssl/K, so no row can put more than that on one prototype.
     hidden_dim: int = 256  # DINO head MLP hidden size (2048 for S/B/L)
     bottleneck_dim: int = 16  # L2-normalized bottleneck before the prototypes (256 for S/B/L)
     num_prototypes: int = 256  # K, the number of prototypes (65536 for S/B/L)
