@@ -433,7 +433,7 @@ def test_batch_maker_stacks_crops_crop_major():
     B_ssl = len(batch["ssl_index"])
     for k, i in enumerate(batch["ssl_index"].tolist()):
         crops = data.multicrop(samples[i]["image"], torch.Generator().manual_seed(seeds[i]), 32, 16, 2,
-                               blur_sigma=maker.blur_sigma)
+                               cfg.data.global_crop_scale, cfg.data.local_crop_scale, blur_sigma=maker.blur_sigma)
         assert torch.allclose(batch["global_crops"][k], as_tensor(crops[0]), atol=1e-5)
         assert torch.allclose(batch["global_crops"][B_ssl + k], as_tensor(crops[1]), atol=1e-5)
         for c in range(2):
