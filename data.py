@@ -443,10 +443,13 @@ POSITION_PHRASES = {  # the 3x3 cell of an object's centre, row-major
     "bottom right": ("in the bottom right corner", "at the bottom right")}
 POSITIONS = tuple(POSITION_PHRASES)
 SECOND_OBJECT_P = 0.4  # scenes with a tiny second object (drawn beneath the main one, so it never hides it)
-ONE_OBJECT_TEMPLATES = ("{o} {p}", "there is {o} {p}", "{o} {p} of {b}", "there is {o} {p} of {b}", "{o} on {b}",
-                        "a picture of {o} {p}", "{o} {p}, on {b}")
-TWO_OBJECT_TEMPLATES = ("{o} {p} and {o2} {p2}", "{o} and {o2} on {b}", "there is {o} {p}, with {o2} {p2}",
-                        "{o} {p} next to {o2}")
+# Captions name the main object's shape always and every other attribute only sometimes, as alt-text does [ours].
+# A caption that leaves out the colour fits every colour of its shape, so many of its in-batch negatives differ from
+# it only in shape: InfoNCE cannot be solved by colour alone (with every attribute named, under 2% of images had a
+# batch-mate differing only in shape). `shape_only_negative_share` measures this on a batch.
+MENTION_P = {"size": 0.3, "color": 0.5, "position": 0.3, "background": 0.25, "second": 0.5}
+CAPTION_PREFIXES = ("", "", "there is ", "a picture of ", "a drawing of ", "an image of ")
+SECOND_OBJECT_JOINS = (" and {o2}", ", with {o2}", " next to {o2}")
 RING_INNER, STAR_INNER, DIAMOND_WIDTH, CROSS_ARM = 0.55, 0.45, 0.62, 0.33  # shape proportions (of the radius)
 BACKGROUND_NOISE = {"plain": 4.0, "noisy": 28.0, "striped": 4.0, "checkered": 4.0}  # grain std, 0..255 scale
 PATTERN_TONE = 45  # brightness step of the second tone of stripes and checks
@@ -480,7 +483,8 @@ class BuiltinScenes:
     The default data set: `size` captioned scenes of the `split` ("train" or "val"), drawn at image_size x
     image_size on the fly. A scene is a textured background (plain / noisy / striped / checkered, 4 colours) with a
     main object (8 shapes, 10 colours, 3 sizes >= 40% of the side, anywhere) and sometimes a tiny second object;
-    its caption comes from the attributes through templates and synonyms. Train and val scenes are disjoint: the
+    its caption names the main shape always and the other attributes sometimes (`MENTION_P`), with synonyms; the
+    names it uses are kept in the scene's "mentions". Train and val scenes are disjoint: the
     split name is part of every scene's seed. Samples: {"image": PIL RGB, "caption": str, "label": shape index}.
     """
 
@@ -505,7 +509,7 @@ class BuiltinScenes:
     def scene(self, index):
         """The attributes of scene `index` (no drawing): background, objects (main first), caption, label."""
         g = _generator(_seed("builtin", self.seed, self.split, index))
-        u = iter(torch.rand(64, generator=g).tolist())
+        u = iter(torch.rand(96, generator=g).tolist())
         pick = lambda options: options[min(int(next(u) * len(options)), len(options) - 1)]  # noqa: E731
 
         def new_object(sizes, colors):
@@ -532,23 +536,61 @@ class BuiltinScenes:
         scene = {"index": index, "split": self.split, "seed": _seed("pixels", self.seed, self.split, index),
                  "background": background, "pattern": pick(PATTERNS), "period": 0.1 + 0.15 * next(u),
                  "stripe_angle": next(u) * math.pi, "objects": objects, "label": SHAPES.index(main["shape"])}
-        scene["caption"] = self._caption(scene, u, pick)
+        scene["caption"], scene["mentions"] = self._caption(scene, u, pick)
         return scene
 
     @staticmethod
     def _caption(scene, u, pick):
-        def describe(obj):
-            words = [pick(SIZE_WORDS[obj["size"]])] if next(u) < 0.75 else []  # the size is sometimes left out
-            return _with_article(" ".join(words + [obj["color"], pick(SHAPE_WORDS[obj["shape"]])]))
+        """The caption and the attributes it names (`MENTION_P`): "a red star in the top left corner", "a hexagon"."""
+        said = {k for k, p in MENTION_P.items() if next(u) < p}  # one draw per attribute, always all drawn
+        if len(scene["objects"]) == 1:
+            said.discard("second")
+        main = scene["objects"][0]
+        words = [pick(SIZE_WORDS[main["size"]])] if "size" in said else []
+        words += [main["color"]] if "color" in said else []
+        text = pick(CAPTION_PREFIXES) + _with_article(" ".join(words + [pick(SHAPE_WORDS[main["shape"]])]))
+        if "position" in said:
+            text += " " + pick(POSITION_PHRASES[main["position"]])
+        if "second" in said:
+            second = scene["objects"][1]
+            words2 = [pick(SIZE_WORDS[second["size"]]), second["color"], pick(SHAPE_WORDS[second["shape"]])]
+            o2 = _with_article(" ".join(words2))
+            text += pick(SECOND_OBJECT_JOINS).format(o2=o2)
+        if "background" in said:
+            pattern = "" if scene["pattern"] == "plain" else scene["pattern"] + " "
+            text += " on " + _with_article(f"{pattern}{scene['background']} background")
+        return text, sorted(said)
 
-        pattern = "" if scene["pattern"] == "plain" else scene["pattern"] + " "
-        parts = {"o": describe(scene["objects"][0]), "p": pick(POSITION_PHRASES[scene["objects"][0]["position"]]),
-                 "b": _with_article(f"{pattern}{scene['background']} background")}
-        templates = ONE_OBJECT_TEMPLATES
-        if len(scene["objects"]) > 1:
-            parts.update(o2=describe(scene["objects"][1]), p2=pick(POSITION_PHRASES[scene["objects"][1]["position"]]))
-            templates = TWO_OBJECT_TEMPLATES
-        return pick(templates).format(**parts)
+
+def caption_fits(scene, other):
+    """
+    Whether `scene`'s caption describes `other` in everything but the main object's shape: the same value for each
+    attribute the caption names (main object's size, colour, position; background and pattern; the second object's
+    size, colour and shape). With a different main shape, `other` is then a shape-only negative for that caption.
+    """
+    a, b = scene["objects"][0], other["objects"][0]
+    said = scene["mentions"]
+    if any(k in said and a[k] != b[k] for k in ("size", "color", "position")):
+        return False
+    if "background" in said and (scene["background"], scene["pattern"]) != (other["background"], other["pattern"]):
+        return False
+    if "second" in said:
+        if len(other["objects"]) < 2:
+            return False
+        s, t = scene["objects"][1], other["objects"][1]
+        return all(s[k] == t[k] for k in ("size", "color", "shape"))
+    return True
+
+
+def shape_only_negative_share(scenes):
+    """
+    Share of the ordered pairs (i, j != i) of a batch of `BuiltinScenes.scene()` dicts in which j's main shape
+    differs from i's and i's caption fits j otherwise (`caption_fits`): the negatives CLIP can only reject by shape.
+    """
+    n = len(scenes)
+    hard = sum(a["label"] != b["label"] and caption_fits(a, b)
+               for i, a in enumerate(scenes) for j, b in enumerate(scenes) if i != j)
+    return hard / max(1, n * (n - 1))
 
 
 def _regular(n, start, radii=(1.0,)):

@@ -5,6 +5,7 @@ Every objective of VTP (arXiv 2512.13687), RECIPE §5, each a small function or 
     L_clip  symmetric InfoNCE over the global batch                             (`clip_loss`)
     L_ssl   = L_dino + L_ibot + koleo_weight·L_koleo                            (`dino_loss`, `ibot_loss`, `koleo_loss`)
             teacher targets by Sinkhorn-Knopp or EMA centering                  (`sinkhorn_knopp`, `TeacherCentering`)
+            collapse monitor: entropy of targets and predictions vs log K       (`ssl_entropies`)
     L_rec   = L1 + LPIPS                                                        (`ReconstructionLoss`, `LPIPS`)
   Stage 2:  decoder-only GAN fine-tune                                          (`PatchDiscriminator`, `hinge_d_loss`,
             L_rec + gan_weight·w_adaptive·L_adv                                  `gan_generator_loss`)
@@ -249,6 +250,41 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
         n_images = (n_masked > 0).sum().clamp_min(1)
         ce = _soft_cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)  # (M,)
         return (ce * token_weight).sum() / n_images
+
+
+@torch.no_grad()
+def mean_entropy(probs):
+    """
+    Mean over rows of the entropy −Σ_k p_k log p_k in nats (collapse diagnostic; DINO §5.3 tracks the same).
+    probs: (N, K) rows summing to 1 -> scalar fp32: log K for uniform rows, 0 for one-hot rows, 0 when N = 0.
+    """
+    with _fp32(probs):
+        p = probs.float()
+        if p.shape[0] == 0:
+            return p.new_zeros(())
+        return -torch.special.xlogy(p, p).sum(dim=-1).mean()  # xlogy: 0·log 0 = 0
+
+
+@torch.no_grad()
+def softmax_entropy(logits, temp):
+    """Mean entropy (nats) of softmax(logits / temp) over rows: (N, K) -> scalar fp32; 0 when N = 0."""
+    with _fp32(logits):
+        if logits.shape[0] == 0:
+            return logits.new_zeros((), dtype=torch.float32)
+        log_q = F.log_softmax(logits.float() / temp, dim=-1)
+        return -(log_q.exp() * log_q).sum(dim=-1).mean()
+
+
+def ssl_entropies(teacher_cls, teacher_patch, student_cls, student_patch, student_temp):
+    """
+    What the uniform collapse looks like, in nats next to log K (RECIPE §5, SSL): the entropy of the teacher's
+    targets and of the student's predictions, for DINO ([CLS]) and iBOT (masked patches). A healthy run has the
+    teacher's targets well below log K and the student following them down; both at log K is the uniform collapse.
+    teacher_cls (2B, K), teacher_patch (M, K): probabilities; student_cls (n, K), student_patch (M, K): logits.
+    Returns {"ent_t_dino", "ent_s_dino", "ent_t_ibot", "ent_s_ibot"} scalars on the device (no host sync).
+    """
+    return {"ent_t_dino": mean_entropy(teacher_cls), "ent_s_dino": softmax_entropy(student_cls, student_temp),
+            "ent_t_ibot": mean_entropy(teacher_patch), "ent_s_ibot": softmax_entropy(student_patch, student_temp)}
 
 
 def koleo_loss(cls_features, n_crops=2, eps=1e-8):

@@ -70,10 +70,14 @@ class TextConfig:
 
 @dataclass
 class HeadConfig:
-    hidden_dim: int = 512  # DINO head MLP hidden size (2048 for S/B/L)
-    bottleneck_dim: int = 256  # L2-normalized bottleneck before the prototypes
-    num_prototypes: int = 1024  # K, the number of prototypes (65536 for S/B/L)
+    # tiny [ours]: K / bottleneck = 16 leaves the MLP no prototype-poor direction to hide in (DINOv2: 65536 / 256),
+    # and K is not much larger than the 2*B_ssl teacher rows of the global batch: at convergence Sinkhorn-Knopp gives
+    # each prototype a total mass of 2*B_ssl/K, so no row can put more than that on one prototype.
+    hidden_dim: int = 256  # DINO head MLP hidden size (2048 for S/B/L)
+    bottleneck_dim: int = 16  # L2-normalized bottleneck before the prototypes (256 for S/B/L)
+    num_prototypes: int = 256  # K, the number of prototypes (65536 for S/B/L)
     nlayers: int = 3  # MLP layers before the bottleneck projection counts as the last one
+    freeze_last_layer_steps: int = 100  # prototypes get no update for this many steps (DINOv2: 1 "epoch" = 1250)
 
 
 @dataclass
@@ -87,7 +91,7 @@ class LossConfig:
     lpips_lin_path: str = ""  # path to LPIPS v0.1 linear heads (lin0.model.1.weight ... lin4...)
     koleo_weight: float = 0.1  # weight of the KoLeo regularizer inside L_ssl
     student_temp: float = 0.1  # student softmax temperature
-    teacher_temp: float = 0.07  # teacher temperature after warm-up
+    teacher_temp: float = 0.04  # teacher temperature after warm-up (S/B/L: 0.07, DINOv2; tiny: 0.04 throughout, DINO)
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
     teacher_temp_warmup_frac: float = 0.3  # fraction of steps to warm the teacher temperature up
     teacher_norm: str = "sinkhorn"  # teacher probabilities: "sinkhorn" (Sinkhorn-Knopp) or "centering"
@@ -109,11 +113,13 @@ class DataConfig:
     val_path: str = ""  # validation data of the same kind (builtin uses its val split)
     holdout: int = 1000  # without val_path: training samples held back as validation data (data.held_out); 0 = none
     batch_size: int = 32  # B: image-text pairs per process per micro-step (all feed CLIP)
-    ssl_batch_size: int = 8  # B_ssl: random subset of the B samples that feeds SSL (paper 16k/4k)
-    rec_batch_size: int = 16  # B_rec: random subset that feeds reconstruction (paper 16k/2k; tiny: more, for CPU)
+    ssl_batch_size: int = 16  # B_ssl: random subset of the B samples that feeds SSL (paper 16k/4k; tiny: 2*16 SK rows)
+    rec_batch_size: int = 8  # B_rec: random subset that feeds reconstruction (paper 16k/2k)
     num_local_crops: int = 4  # DINOv2 local crops per image (2 global crops always; 8 for S/B/L)
-    global_crop_scale: tuple = (0.32, 1.0)  # RandomResizedCrop scale range of global crops
-    local_crop_scale: tuple = (0.05, 0.32)  # RandomResizedCrop scale range of local crops
+    # crop scales: DINOv2's (0.32, 1) / (0.05, 0.32) for S/B/L; at 32 px a 5% crop is a 7-px patch of one colour,
+    # so tiny keeps more of the object in every view [ours]
+    global_crop_scale: tuple = (0.5, 1.0)  # RandomResizedCrop scale range of global crops
+    local_crop_scale: tuple = (0.2, 0.5)  # RandomResizedCrop scale range of local crops
     local_crop_size: int = 0  # local crop side; 0 = patch * round(grid * 7/16) (112 for 256 px)
     mask_prob: float = 0.5  # fraction of global crops that get an iBOT mask
     mask_ratio: tuple = (0.1, 0.5)  # iBOT mask ratios, spread linearly across the batch
@@ -145,7 +151,7 @@ class TrainConfig:
     stage: int = 1  # 1 = joint pre-training, 2 = decoder GAN fine-tuning
     out_dir: str = "runs/pretrain"  # checkpoints, config.json, metrics.jsonl and previews go here
     init_from: str = ""  # stage 2: stage-1 checkpoint (file or folder); empty = latest in out_dir
-    max_steps: int = 1500  # optimizer steps (tiny: under 10 minutes on 2 idle CPU cores)
+    max_steps: int = 1200  # optimizer steps (tiny: under 10 minutes on 2 idle CPU cores)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     log_every: int = 20  # steps between log lines / metrics.jsonl rows
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
@@ -270,8 +276,10 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
                               latent_dim=64, drop_path_ssl=drop_path_ssl)
     c.decoder = DecoderConfig(width=width, depth=depth, num_heads=heads)
     c.text = TextConfig(vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12, embed_dim=768)
-    c.head = HeadConfig(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536)
-    c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_local_crops=8, num_workers=8)
+    c.head = HeadConfig(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536, freeze_last_layer_steps=1250)
+    c.loss = LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04)  # DINOv2
+    c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_local_crops=8, num_workers=8,
+                        global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32))
     c.optim = OptimConfig()
     c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000)
     return c

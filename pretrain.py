@@ -109,16 +109,19 @@ class Student(nn.Module):
             img = v.image_features(batch["images"], drop_path_rate=e.drop_path_clip)  # (B, E)
             txt = v.text_features(batch["tokens"])  # (B, E)
             clip = losses.clip_loss(img, txt, v.logit_scale, self.rank, self.world_size)
+        diagnostics = {}
         if lc.lambda_ssl > 0:
-            dino, ibot, koleo = self.ssl_losses(batch, teacher_probs)
+            dino, ibot, koleo, diagnostics = self.ssl_losses(batch, teacher_probs)
         if lc.lambda_rec > 0:
             target = batch["rec_images"]  # (B_rec, 3, H, W)
             recon = v.decode(v.encode(target, drop_path_rate=e.drop_path_rec), drop_path_rate=0.0)
             rec = self.rec_loss(recon, target)
-        return losses.vtp_loss(lc, rec=rec, clip=clip, dino=dino, ibot=ibot, koleo=koleo), recon
+        terms = losses.vtp_loss(lc, rec=rec, clip=clip, dino=dino, ibot=ibot, koleo=koleo)
+        return {**terms, **diagnostics}, recon
 
     def ssl_losses(self, batch, teacher_probs):
-        """Student on the global crops (iBOT-masked) and the local crops; DINO, iBOT and KoLeo against the teacher."""
+        """Student on the global crops (iBOT-masked) and the local crops; DINO, iBOT and KoLeo against the teacher.
+        Returns (dino, ibot, koleo, entropies): the entropies of targets and predictions are the collapse monitor."""
         lc, v = self.cfg.loss, self.vtp
         crops, masks = [batch["global_crops"]], [batch["masks"]]
         if batch["local_crops"].numel():
@@ -138,7 +141,10 @@ class Student(nn.Module):
         dino = losses.dino_loss(s_global, s_local, teacher_probs["cls"], lc.student_temp)
         ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp, mask_idx)
         koleo = losses.koleo_loss(g_cls, n_crops=2)
-        return dino, ibot, koleo
+        s_cls = s_global if s_local is None else torch.cat([s_global, s_local])  # (n_crops*B, K)
+        entropies = losses.ssl_entropies(teacher_probs["cls"], teacher_probs["patches"], s_cls, s_patch,
+                                         lc.student_temp)
+        return dino, ibot, koleo, entropies
 
 
 class Teacher(nn.Module):
@@ -312,11 +318,14 @@ def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler):
     return terms
 
 
-def optimizer_step(student, teacher, optimizer, scaler, cfg: Config, momentum):
+def optimizer_step(student, teacher, optimizer, scaler, cfg: Config, momentum, freeze_last_layer=False):
     """Unscale, clip, AdamW step, zero the grads, clamp logit_scale, then the teacher's EMA update.
-    Returns the gradient norm before clipping."""
+    freeze_last_layer drops the gradient of the DINO head's prototypes (DINO, DINOv2: `cancel_gradients_last_layer`),
+    so AdamW leaves them, and through the EMA the teacher's, untouched. Returns the gradient norm before clipping."""
     if scaler:
         scaler.unscale_(optimizer)
+    if freeze_last_layer:
+        student.dino_head.last_layer.weight.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or float("inf"))
     if scaler:
         scaler.step(optimizer)
@@ -390,6 +399,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
            f"λ_rec {cfg.loss.lambda_rec} λ_ssl {cfg.loss.lambda_ssl} λ_clip {cfg.loss.lambda_clip}")
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    # the entropies (ent_t_* teacher targets, ent_s_* student predictions) read against log K: both at log K = collapse
+    log_k = {"log_k": math.log(cfg.head.num_prototypes)} if cfg.loss.lambda_ssl > 0 else {}
     terms = None
     while step < tc.max_steps:
         # Stochastic depth draws from the global generator: seed it from (seed, rank, step) so a resumed run
@@ -406,7 +417,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
             with contextlib.nullcontext() if sync else model.no_sync():
                 terms = forward_backward(fwd, teacher_fwd, batch, temp, cfg, autocast, scaler)
             tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
-        grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg))
+        grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg),
+                                   freeze_last_layer=step < cfg.head.freeze_last_layer_steps)
         tracker.add({"grad_norm": grad_norm}, step + 1)
         step += 1
         if bar is not None:
@@ -418,7 +430,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
             if rank == 0:
                 dt = (time.time() - t_log) / max(1, step - log_step0)
                 row = {"step": step, "total_steps": tc.max_steps, **{k: v for k, v in means.items() if k != "grad_norm"},
-                       "lr": lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
+                       **log_k, "lr": lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
                        "img_per_s": cfg.data.batch_size * world_size * tc.accum_steps / max(dt, 1e-9)}
                 log_step(out_dir, row, bar)
             t_log, log_step0 = time.time(), step

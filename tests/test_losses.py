@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from losses import (LPIPS, PatchDiscriminator, ReconstructionLoss, TeacherCentering, adaptive_gan_weight,
                     clip_loss, dino_loss, gan_generator_loss, hinge_d_loss, hinge_g_loss, ibot_loss,
-                    imagenet_to_unit, koleo_loss, sinkhorn_knopp, vtp_loss)
+                    imagenet_to_unit, koleo_loss, mean_entropy, sinkhorn_knopp, softmax_entropy, ssl_entropies,
+                    vtp_loss)
 from model import LossConfig
 
 # -----------------------------------------------------------------------------
@@ -88,6 +89,25 @@ def test_dino_uniform_student_and_teacher_give_log_k():
     uniform = torch.full((2 * B, K), 1.0 / K)
     loss = dino_loss(torch.zeros(2 * B, K), torch.zeros(n_local * B, K), uniform, student_temp=0.1)
     assert loss.item() == pytest.approx(math.log(K), rel=1e-6)
+
+
+def test_entropy_diagnostics_hand_worked():
+    K = 64
+    uniform, one_hot = torch.full((5, K), 1.0 / K), torch.eye(K)[:5]
+    assert mean_entropy(uniform).item() == pytest.approx(math.log(K), rel=1e-6)
+    assert mean_entropy(one_hot).item() == 0.0  # 0·log 0 counts as 0, not nan
+    half = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # log 2 and 0: mean log(2)/2
+    assert mean_entropy(half).item() == pytest.approx(math.log(2) / 2, rel=1e-6)
+    assert mean_entropy(torch.zeros(0, K)).item() == 0.0  # no masked patch in the batch
+    # student side: softmax(logits / temp); equal logits are uniform, a gap of 1 at temp 0.01 is one-hot
+    assert softmax_entropy(torch.zeros(3, K), 0.1).item() == pytest.approx(math.log(K), rel=1e-6)
+    assert softmax_entropy(torch.eye(K)[:3], 0.01).item() == pytest.approx(0.0, abs=1e-6)
+    two = torch.tensor([[0.0, 0.0, -100.0]])  # two equal logits, one negligible: log 2
+    assert softmax_entropy(two, 1.0).item() == pytest.approx(math.log(2), rel=1e-6)
+    ent = ssl_entropies(uniform, one_hot, torch.zeros(4, K), torch.eye(K)[:2] * 100, student_temp=0.1)
+    assert ent["ent_t_dino"].item() == pytest.approx(math.log(K), rel=1e-6) and ent["ent_t_ibot"].item() == 0.0
+    assert ent["ent_s_dino"].item() == pytest.approx(math.log(K), rel=1e-6)
+    assert ent["ent_s_ibot"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dino_pairs_match_explicit_loop():

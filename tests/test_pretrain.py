@@ -38,6 +38,7 @@ def metrics(folder):
 def test_schedules_are_pure_functions_of_the_step():
     cfg = Config()
     cfg.train.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_frac = 100, 0.1, 0.01
+    cfg.loss.teacher_temp = 0.07  # the DINOv2 warm-up 0.04 -> 0.07 of S/B/L (tiny stays at 0.04)
     peak = 1e-3
     assert pretrain.lr_at(0, cfg, peak) == pytest.approx(peak / 10)
     assert pretrain.lr_at(9, cfg, peak) == pytest.approx(peak)
@@ -93,8 +94,12 @@ def test_stage1_and_stage2_smoke(tmp_path):
     assert (out / "ckpt_0000002.pt").exists() and (out / "ckpt_0000003.pt").exists()
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("total", "clip", "dino", "ibot", "koleo", "ssl", "rec", "l1", "lr", "grad_norm", "img_per_s"):
+    for key in ("total", "clip", "dino", "ibot", "koleo", "ssl", "rec", "l1", "lr", "grad_norm", "img_per_s",
+                "ent_t_dino", "ent_s_dino", "ent_t_ibot", "ent_s_ibot"):
         assert math.isfinite(rows[-1][key]), key
+    log_k = rows[-1]["log_k"]
+    assert log_k == pytest.approx(math.log(64))  # SMALL has 64 prototypes
+    assert all(0 <= rows[-1][k] <= log_k + 1e-4 for k in ("ent_t_dino", "ent_s_dino", "ent_t_ibot", "ent_s_ibot"))
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["batch_size"] == 8
     stage1, cfg, ckpt = load_vtp(str(out))
@@ -148,6 +153,23 @@ def test_non_finite_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypa
     with pytest.raises(pretrain.NonFiniteLoss, match="'clip' became nan at step 3"):
         run(tmp_path, "--train.max_steps=4", "--train.ckpt_every=1")
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+
+
+def test_last_layer_frozen_for_the_first_steps(tmp_path):
+    run(tmp_path, "--train.max_steps=3", "--train.ckpt_every=1", "--head.freeze_last_layer_steps=2")
+    ckpts = [torch.load(tmp_path / f"ckpt_{s:07d}.pt", weights_only=True) for s in (1, 2, 3)]
+    protos = [c["dino_head"]["last_layer.weight"] for c in ckpts]
+    teacher = [c["teacher"]["dino_head.last_layer.weight"] for c in ckpts]
+    mlp = [c["dino_head"]["mlp.0.weight"] for c in ckpts]
+    assert not torch.equal(mlp[0], mlp[1]), "the rest of the head trains during the freeze"
+    assert torch.equal(protos[0], protos[1]), "prototypes frozen (steps 1-2)"
+    # the teacher's are the EMA of unchanged ones: m·w + (1 - m)·w, equal up to rounding
+    assert all(torch.allclose(t, protos[0], rtol=1e-6, atol=0) for t in teacher[:2])
+    assert not torch.equal(protos[1], protos[2]), "prototypes train after the freeze (step 3)"
+    # a run without the freeze moves them at step 1 already: what the assertions above would catch
+    run(tmp_path / "free", "--train.max_steps=1", "--head.freeze_last_layer_steps=0")
+    free = torch.load(tmp_path / "free" / "ckpt_0000001.pt", weights_only=True)["dino_head"]["last_layer.weight"]
+    assert not torch.equal(free, protos[0])
 
 
 # --- resume ---
