@@ -1252,23 +1252,24 @@ class PretrainLoader:
 
 def build_dataset(cfg, split, image_size=None):
     """
-    The data set of `split` ("train" | "val"): builtin scenes (drawn at `image_size`, default encoder.image_size),
-    or a reader of data.path (train) / data.val_path (val; without it a held-back slice of data.path, see
-    `held_out`). Map-style readers give samples {"image": PIL RGB,
-    "caption": str, "label": int (labelled data only)} and have `class_names` (None when unlabelled); tar
-    shards are iterable only. Fails here, naming the field, on a missing path or one without a usable sample.
+    The data set of `split` ("train" | "val" | "all" = train without any held-back slice): builtin scenes (drawn
+    at `image_size`, default encoder.image_size), or a reader of data.path (train, all) / data.val_path (val;
+    without it a held-back slice of data.path, see `held_out`). Map-style readers give samples {"image": PIL RGB,
+    "caption": str, "label": int (labelled data only)} and have `class_names` (None when unlabelled); tar shards
+    are iterable only. Fails here, naming the field, on a missing path or one without a usable sample.
     """
     d = cfg.data
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
     if d.dataset == "builtin":
-        size = d.builtin_train_size if split == "train" else d.builtin_val_size
-        return BuiltinScenes(split, image_size or cfg.encoder.image_size, size, d.seed)
+        size = d.builtin_val_size if split == "val" else d.builtin_train_size
+        return BuiltinScenes("val" if split == "val" else "train", image_size or cfg.encoder.image_size, size, d.seed)
     readers = {"folder": CaptionFolder, "jsonl": JsonlCaptions, "tar": TarShards, "imagenet": ImageFolderClasses}
     if d.dataset not in readers:
         raise ConfigError(f"invalid config value data.dataset={d.dataset!r}: valid choices are builtin, "
                           + ", ".join(readers))
-    hold = not d.val_path and d.holdout > 0  # no validation data: a fixed slice of the training data is held back
+    # no validation data: a fixed slice of the training data is held back ("all": every sample of data.path)
+    hold = not d.val_path and d.holdout > 0 and split != "all"
     key = "data.val_path" if split == "val" and not hold else "data.path"
     dataset = readers[d.dataset](d.val_path if key == "data.val_path" else d.path, key)
     if hold:
@@ -1280,8 +1281,8 @@ def build_dataset(cfg, split, image_size=None):
 def held_out(dataset, n, split):
     """
     Split a reader of data.path into training and validation views when there is no data.val_path: validation =
-    the last n samples (at most a tenth) of a map-style reader, or the first n samples of the first tar shard
-    (sorted order); training never sees them. Returns the view of `split`; the training view says so in the log.
+    n evenly spaced images (at most a tenth, with all their captions) of a map-style reader, or the first n samples
+    of the first tar shard (sorted order); training never sees them. Returns the view of `split`; the training view says so in the log.
     """
     view = copy.copy(dataset)
     if isinstance(dataset, TarShards):
@@ -1289,10 +1290,12 @@ def held_out(dataset, n, split):
         if split == "val":
             view.urls = dataset.urls[:1]
         what = f"the first {n} samples of {dataset.urls[0]}"
-    else:
-        n = max(1, min(n, len(dataset.items) // 10))
-        view.items = dataset.items[-n:] if split == "val" else dataset.items[:-n]
-        what = f"the last {n} of {len(dataset.items)} samples"
+    else:  # n evenly spaced distinct images (all classes of a class folder; every caption of a held-back image)
+        paths = list(dict.fromkeys(path for path, _ in dataset.items))
+        n = max(1, min(n, len(paths) // 10))
+        chosen = set(paths[len(paths) // n - 1::len(paths) // n][:n])
+        view.items = [item for item in dataset.items if (item[0] in chosen) == (split == "val")]
+        what = f"{n} evenly spaced of {len(paths)} images"
     if split == "train":
         print(f"data: no data.val_path: {what} are held back for validation and previews (not trained on)",
               file=sys.stderr, flush=True)

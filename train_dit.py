@@ -389,7 +389,7 @@ def build_latent_cache(cfg, vtp, tok_cfg, signature, cache_dir, rank, world_size
             if name.startswith("shard_") or name in ("stats.pt", "meta.json"):
                 os.remove(os.path.join(cache_dir, name))
     barrier()
-    loader = build_eval_loader(cfg, "train", S, d.batch_size, rank=rank, world_size=world_size,
+    loader = build_eval_loader(cfg, "all", S, d.batch_size, rank=rank, world_size=world_size,  # no validation here
                                max_images=d.num_cache_images or None)
     want = (tok_cfg.encoder.latent_dim, S // p, S // p)
     buf, k = [], 0
@@ -504,7 +504,7 @@ class EpochSampler:
 
 def dataset_num_classes(cfg):
     """Number of classes of the training set (its class_names); the DiT is class-conditional, so it needs labels."""
-    names = getattr(build_dataset(cfg, "train"), "class_names", None)
+    names = getattr(build_dataset(cfg, "all"), "class_names", None)
     if not names:
         raise ConfigError(f"invalid config value data.dataset={cfg.data.dataset!r}: the class-conditional DiT needs "
                           "labelled data (builtin, or an ImageNet-style class folder with --data.dataset=imagenet)")

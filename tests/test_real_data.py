@@ -49,7 +49,25 @@ def test_map_style_reader_holds_back_a_disjoint_slice(tmp_path):
     train, val = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
     assert len(train) == 27 and len(val) == 3  # at most a tenth is held back
     assert {x[1] for x in train.items}.isdisjoint(x[1] for x in val.items)
-    assert [val[i]["caption"] for i in range(3)] == ["c27", "c28", "c29"]
+    assert [val[i]["caption"] for i in range(3)] == ["c9", "c19", "c29"]  # evenly spaced over the data
+    assert len(data.build_dataset(cfg, "all")) == 30  # the DiT's latent cache uses every sample
+
+
+def test_held_back_images_take_all_their_captions_and_every_class(tmp_path):
+    lines = [json.dumps({"image": f"{i // 2}.png", "caption": f"c{i}"}) for i in range(40)]  # 2 captions per image
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    cfg = parse_config(["--data.dataset=jsonl", f"--data.path={tmp_path / 'd.jsonl'}", "--data.holdout=2"])
+    val = data.build_dataset(cfg, "val")
+    assert [x[1] for x in val.items] == ["c18", "c19", "c38", "c39"]  # images 9 and 19, both captions each
+    for c in range(4):  # a class folder: the held-back images come from every class, not the last ones
+        for i in range(10):
+            os.makedirs(tmp_path / "cls" / f"k{c}", exist_ok=True)
+            Image.new("RGB", (8, 8), (c, i, 0)).save(tmp_path / "cls" / f"k{c}" / f"{i}.png")
+    cfg = parse_config(["--data.dataset=imagenet", f"--data.path={tmp_path / 'cls'}", "--data.holdout=4"])
+    val = data.build_dataset(cfg, "val")
+    assert sorted(val[i]["label"] for i in range(len(val))) == [0, 1, 2, 3]
 
 
 def test_tar_holds_back_the_first_samples_of_the_first_shard(tmp_path):
