@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
-from model import VTP, adamw, parse_config, swiglu_hidden  # noqa: E402
+from model import VTP, adamw, parse_config, run_cli, swiglu_hidden  # noqa: E402
 from pretrain import (Student, Teacher, amp_setup, forward_backward, optimizer_step, param_groups,  # noqa: E402
                       stage2_step)
 
@@ -410,4 +410,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

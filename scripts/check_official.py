@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import load_official_vtp  # noqa: E402
+from model import load_official_vtp, run_cli  # noqa: E402
 
 
 def main():
@@ -52,4 +52,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import train_dit  # noqa: E402
 from data import build_eval_loader  # noqa: E402
-from model import Config, parse_config  # noqa: E402
+from model import Config, parse_config, run_cli  # noqa: E402
 
 
 def load_images(cfg, split, size, n):
@@ -100,4 +100,4 @@ def main(argv):
               f"{acc:.3f} (chance {1 / ema.num_classes:.3f})")
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(lambda: main(sys.argv[1:]))

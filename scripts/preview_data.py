@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import data  # noqa: E402
-from model import parse_config  # noqa: E402
+from model import parse_config, run_cli  # noqa: E402
 
 CELL = 128  # displayed side of one sample in the grid
 COLUMNS = 6
@@ -121,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -516,3 +516,12 @@ def test_cli_retrieval_on_builtin_captions(tiny_ckpt, tmp_path):
     res = ev.main(["retrieval", f"--ckpt={tiny_ckpt}", f"--eval.out={tmp_path / 'r.json'}"] + SMALL)["retrieval"]
     assert res["num_images"] == res["num_captions"] == 16  # one caption per built-in scene
     assert res["text_to_image_R@1"] <= res["text_to_image_R@5"] <= res["text_to_image_R@10"]
+
+
+def test_retrieval_identical_features_and_a_known_permutation():
+    f = torch.nn.functional.normalize(torch.randn(10, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    r = ev.retrieval_recall(f, f, torch.arange(10))
+    assert all(v == 100.0 for v in r.values())  # identical image and text features: R@1 = 100% both ways
+    # captions 0..4 describe images 1,0,3,2,4 but carry the features of images 0..4: only caption 4 is right at R@1
+    r = ev.retrieval_recall(f[:5], f[:5], torch.tensor([1, 0, 3, 2, 4]), ks=(1,))
+    assert r["text_to_image_R@1"] == pytest.approx(20.0) and r["image_to_text_R@1"] == pytest.approx(20.0)

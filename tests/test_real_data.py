@@ -107,6 +107,8 @@ def test_pretrain_and_retrieval_on_tar_shards_without_val_path(tmp_path):
     ("train_dit.py", ["--tokenizer=/nonexistent/run"], "/nonexistent/run"),
     ("evaluate.py", ["retrieval", "--ckpt=/nonexistent/run"], "/nonexistent/run"),
     ("evaluate.py", ["probe"], "eval.ckpt"),
+    ("scripts/benchmark.py", ["--train.amp=fp17"], "train.amp"),
+    ("scripts/preview_data.py", ["--data.dataset=jsonl"], "data.path"),
 ])
 def test_entry_points_fail_with_one_line(script, args, flag, tmp_path):
     r = run(script, *args, f"--train.out_dir={tmp_path}" if script == "pretrain.py" and "stage" not in str(args)
