@@ -1,14 +1,15 @@
 """
 Data for VTP: image-caption pairs in, training and evaluation batches out.
 
-"Towards Scalable Pre-training of Visual Tokenizers for Generation" (VTP, arXiv 2512.13687). This file holds:
+"Towards Scalable Pre-training of Visual Tokenizers for Generation" (VTP, arXiv 2512.13687). "Method §N" refers to
+the README's Method section. This file holds:
 
   1. ImageNet normalization and the image transforms (ADM centre crop, RandomResizedCrop, flip, colour jitter,
      grayscale, blur, solarize); their randomness comes only from seeded `torch.Generator`s passed in;
   2. the text tokenizer: a byte-level BPE trained from scratch (minbpe-style) that can also load CLIP's merges file;
   3. `builtin`: procedurally drawn captioned scenes (a shape on a textured background), deterministic, no files;
   4. readers for real data: caption folders, JSONL, img2dataset tar shards, ImageNet-style class folders;
-  5. DINOv2 multi-crop, iBOT block masks and the batch collate of the batch trick (RECIPE §1.2, §5);
+  5. DINOv2 multi-crop, iBOT block masks and the batch collate of the batch trick (Method §1.2, §5);
   6. the resumable pre-training loader, the evaluation loader, `build_dataset` and `build_tokenizer`.
 
 How the stage scripts use it:
@@ -47,7 +48,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-# DINOv2 photometric augmentations (RECIPE §5): fixed by the method, not tuned per run.
+# DINOv2 photometric augmentations (Method §5): fixed by the method, not tuned per run.
 FLIP_P = 0.5
 COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 COLOR_JITTER_P = 0.8
@@ -70,7 +71,7 @@ CHECK_SAMPLES = 16  # samples tried at start-up to prove that a data set is read
 
 
 def normalize(x):
-    """[0, 1] images, (3, H, W) or (B, 3, H, W) -> ImageNet-normalized (RECIPE §2)."""
+    """[0, 1] images, (3, H, W) or (B, 3, H, W) -> ImageNet-normalized (Method §2)."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
@@ -118,7 +119,7 @@ def _randint(g, lo, hi):
 
 def adm_center_crop(img, size):
     """
-    ADM-style centre crop (RECIPE §7): halve with a BOX filter while the short side is >= 2*size, resize with
+    ADM-style centre crop (Method §7): halve with a BOX filter while the short side is >= 2*size, resize with
     BICUBIC so the short side is `size`, then crop the centre size x size square.
     """
     while min(img.size) >= 2 * size:
@@ -130,7 +131,7 @@ def adm_center_crop(img, size):
 
 
 def resize(img, size):
-    """Squash to size x size with BICUBIC (the zero-shot protocol of RECIPE §8 resizes without cropping)."""
+    """Squash to size x size with BICUBIC (the zero-shot protocol of Method §8 resizes without cropping)."""
     return img.resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -252,7 +253,7 @@ class BPETokenizer:
         decode puts a space after every word.
 
     In both, start = vocab_size - 2 and end = vocab_size - 1: the end token has the largest id, because the text
-    tower pools at the argmax token id (RECIPE §4). `tokenizer(texts)` gives (B, context_length) int64 rows
+    tower pools at the argmax token id (Method §4). `tokenizer(texts)` gives (B, context_length) int64 rows
     [start, ids..., end, 0, 0, ...], truncated so the end token is always kept. Picklable (loader workers) and
     saved in checkpoints through `state_dict()` / `tokenizer_from_state()`.
     """
@@ -955,7 +956,7 @@ def _check_usable(dataset, key):
 
 
 # -----------------------------------------------------------------------------
-# 5. DINOv2 multi-crop, iBOT block masks and the batch collate (RECIPE §1.2, §5).
+# 5. DINOv2 multi-crop, iBOT block masks and the batch collate (Method §1.2, §5).
 
 
 def local_crop_size(cfg):
@@ -985,7 +986,7 @@ def _augment(img, g, blur_p, solarize_p, blur_sigma):
 def multicrop(img, g, global_size, local_size, num_local, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
               blur_sigma=BLUR_SIGMA):
     """
-    DINOv2 multi-crop of one image (RECIPE §5): [global 1, global 2, local 1, ..., local n] as PIL images.
+    DINOv2 multi-crop of one image (Method §5): [global 1, global 2, local 1, ..., local n] as PIL images.
     Global 1 is always blurred; global 2 is blurred with p 0.1 and solarized with p 0.2; locals blurred with p 0.5.
     """
     crops = [_augment(random_resized_crop(img, global_size, g, global_scale), g, BLUR_P[0], 0.0, blur_sigma),
@@ -1042,7 +1043,7 @@ def make_masks(n, grid, mask_prob, mask_ratio, min_patches, aspect, g):
 
 class BatchMaker:
     """
-    Turns B samples into one pre-training batch (RECIPE §1.2 batch trick and §5). Picklable, runs in loader workers.
+    Turns B samples into one pre-training batch (Method §1.2 batch trick and §5). Picklable, runs in loader workers.
     Randomness: sample i's crops from `torch.Generator(sample_seeds[i])`, subsets and masks from `batch_seed`.
     The batch dict (S = encoder.image_size, s = local crop size, p = patch size):
       images       (B, 3, S, S)  ADM centre crops, ImageNet-normalized, for CLIP (no flip: captions say left/right)
@@ -1282,7 +1283,8 @@ def held_out(dataset, n, split):
     """
     Split a reader of data.path into training and validation views when there is no data.val_path: validation =
     n evenly spaced images (at most a tenth, with all their captions) of a map-style reader, or the first n samples
-    of the first tar shard (sorted order); training never sees them. Returns the view of `split`; the training view says so in the log.
+    of the first tar shard (sorted order); training never sees them. Returns the view of `split`; the training view
+    says so in the log.
     """
     view = copy.copy(dataset)
     if isinstance(dataset, TarShards):

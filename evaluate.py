@@ -1,5 +1,5 @@
 """
-Evaluation of a VTP tokenizer and of a DiT trained on its latents (RECIPE §8).
+Evaluation of a VTP tokenizer and of a DiT trained on its latents (the README's Method §8).
 
     python evaluate.py zero-shot --ckpt=runs/pretrain      # CLIP zero-shot top-1 / top-5 with prompt templates
     python evaluate.py retrieval --ckpt=runs/pretrain      # image<->text recall@1/5/10 on the val captions
@@ -548,7 +548,7 @@ class FDFeatures:
 @torch.no_grad()
 def probe_features(model, images, kind="cls_patch", n_blocks=1):
     """
-    Frozen features for the linear probe / k-NN (RECIPE §8). `cls_patch`: the normed [CLS] of each of the last
+    Frozen features for the linear probe / k-NN (Method §8). `cls_patch`: the normed [CLS] of each of the last
     n_blocks blocks and the mean patch token of the last block, concatenated -> (B, (n_blocks + 1) D).
     `latent`: the bottleneck latent averaged over positions -> (B, latent_dim) (the paper's scaling plots).
     """
@@ -929,7 +929,8 @@ def run_gen(E):
 COMMANDS = {"zero-shot": run_zero_shot, "retrieval": run_retrieval, "probe": run_probe, "recon": run_recon,
             "gen": run_gen}
 ALIASES = {"ckpt": "eval.ckpt", "dit_ckpt": "eval.dit_ckpt", "gen_npz": "eval.gen_npz"}
-USAGE = ("usage: python evaluate.py {zero-shot,retrieval,probe,recon,gen,all} --ckpt=PATH [--dit_ckpt=PATH | --gen_npz=FILE] "
+USAGE = ("usage: python evaluate.py {zero-shot,retrieval,probe,recon,gen,all} --ckpt=PATH "
+         "[--dit_ckpt=PATH | --gen_npz=FILE] "
          "[--eval.inception_path=pt_inception-2015-12-05-6726825d.pth] [--key=value ...]")
 
 

@@ -1,5 +1,5 @@
 """
-Every objective of VTP (arXiv 2512.13687), RECIPE §5, each a small function or nn.Module.
+Every objective of VTP (arXiv 2512.13687), each a small function or nn.Module (the README's Method §5).
 
   Stage 1:  L = λ_rec·L_rec + λ_ssl·L_ssl + λ_clip·L_clip                      (`vtp_loss`)
     L_clip  symmetric InfoNCE over the global batch                             (`clip_loss`)
@@ -78,7 +78,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def all_gather_with_grad(t, rank, world_size):
     """
-    Gather (B, ...) from every rank into (world_size*B, ...), rank-major, with gradient (RECIPE §5, CLIP).
+    Gather (B, ...) from every rank into (world_size*B, ...), rank-major, with gradient (Method §5, CLIP).
     The backward all-reduces the gradient of the gathered tensor and returns this rank's slice, so the local
     features receive the gradient of every rank's loss. Every rank must pass the same B. world_size 1: returns `t`.
     """
@@ -91,18 +91,18 @@ def all_gather_with_grad(t, rank, world_size):
 
 @contextmanager
 def _fp32(t):
-    """Disable autocast on `t`'s device: softmax / Sinkhorn-Knopp / KoLeo must run in fp32 (STYLE: AMP)."""
+    """Disable autocast on `t`'s device: softmax / Sinkhorn-Knopp / KoLeo must run in fp32 (AMP keeps them in fp32)."""
     with torch.autocast(device_type=t.device.type, enabled=False):
         yield
 
 
 # -----------------------------------------------------------------------------
-# CLIP (RECIPE §4-5)
+# CLIP (Method §4-5)
 
 
 def clip_loss(image_features, text_features, logit_scale, rank=0, world_size=1):
     """
-    Symmetric InfoNCE with negatives from the global batch (RECIPE §5, CLIP).
+    Symmetric InfoNCE with negatives from the global batch (Method §5, CLIP).
 
     image_features, text_features: (B, E) L2-normalized local features (the model normalizes them);
     logit_scale: scalar log-scale parameter (the caller clamps it to [0, ln 100]); logits = exp(logit_scale)·f_I·f_Tᵀ.
@@ -125,13 +125,13 @@ def clip_loss(image_features, text_features, logit_scale, rank=0, world_size=1):
 
 
 # -----------------------------------------------------------------------------
-# Teacher targets for DINO / iBOT (RECIPE §5, SSL)
+# Teacher targets for DINO / iBOT (Method §5, SSL)
 
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3):
     """
-    Teacher probabilities by Sinkhorn-Knopp over the samples of all processes (RECIPE §5; DINOv2/SwAV).
+    Teacher probabilities by Sinkhorn-Knopp over the samples of all processes (Method §5; DINOv2/SwAV).
 
     teacher_logits: (N, K) logits of this rank's samples ([CLS] of both global crops, or the masked patch tokens);
     ranks may hold different N (the total is all-reduced). Returns (N, K) fp32: every row sums to 1 and, as the
@@ -160,7 +160,7 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3):
 
 class TeacherCentering(nn.Module):
     """
-    Alternative teacher normalization (RECIPE §5; DINO): p_t = softmax((t − c)/τ_t), then
+    Alternative teacher normalization (Method §5; DINO): p_t = softmax((t − c)/τ_t), then
     c ← m·c + (1 − m)·mean(t) with the mean over the samples of all processes and m = 0.9.
     Holds `center` (1, K) as a buffer so it is checkpointed. Use one instance for [CLS] and one for patches.
     """
@@ -191,7 +191,7 @@ class TeacherCentering(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# DINO [CLS] loss, iBOT patch loss, KoLeo (RECIPE §5, SSL)
+# DINO [CLS] loss, iBOT patch loss, KoLeo (Method §5, SSL)
 
 
 def _soft_cross_entropy(teacher_probs, student_logits, student_temp):
@@ -202,7 +202,7 @@ def _soft_cross_entropy(teacher_probs, student_logits, student_temp):
 
 def dino_loss(student_global_logits, student_local_logits, teacher_probs, student_temp=0.1):
     """
-    DINO [CLS] self-distillation loss (RECIPE §5, SSL; DINOv2).
+    DINO [CLS] self-distillation loss (Method §5, SSL; DINOv2).
 
     student_global_logits: (2*B, K) crop-major [crop 0 of all images, then crop 1] (the student sees them masked);
     student_local_logits: (n_local*B, K) crop-major, or None without local crops;
@@ -228,7 +228,7 @@ def dino_loss(student_global_logits, student_local_logits, teacher_probs, studen
 
 def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1, mask_indices=None):
     """
-    iBOT masked-patch loss (RECIPE §5, SSL; iBOT/DINOv2).
+    iBOT masked-patch loss (Method §5, SSL; iBOT/DINOv2).
 
     student_patch_logits: (M, K) student head on the masked patch tokens, M = masks.sum();
     teacher_patch_probs: (M, K) teacher probabilities of the same tokens (teacher sees the unmasked crops);
@@ -277,7 +277,7 @@ def softmax_entropy(logits, temp):
 
 def ssl_entropies(teacher_cls, teacher_patch, student_cls, student_patch, student_temp):
     """
-    What the uniform collapse looks like, in nats next to log K (RECIPE §5, SSL): the entropy of the teacher's
+    What the uniform collapse looks like, in nats next to log K (Method §5, SSL): the entropy of the teacher's
     targets and of the student's predictions, for DINO ([CLS]) and iBOT (masked patches). A healthy run has the
     teacher's targets well below log K and the student following them down; both at log K is the uniform collapse.
     teacher_cls (2B, K), teacher_patch (M, K): probabilities; student_cls (n, K), student_patch (M, K): logits.
@@ -289,8 +289,8 @@ def ssl_entropies(teacher_cls, teacher_patch, student_cls, student_patch, studen
 
 def koleo_loss(cls_features, n_crops=2, eps=1e-8):
     """
-    KoLeo regularizer (RECIPE §5, SSL; DINOv2): −mean_i log(min_{j≠i} ‖x_i − x_j‖ + eps) on L2-normalized features,
-    computed within each crop separately and averaged over crops.
+    KoLeo regularizer (Method §5, SSL; DINOv2): −mean_i log(min_{j≠i} ‖x_i − x_j‖ + eps) on L2-normalized
+    features, computed within each crop separately and averaged over crops.
 
     cls_features: (n_crops*B, D) crop-major pre-head student [CLS] of the global crops (B >= 2); normalized here.
     Runs in fp32. Returns a scalar.
@@ -308,7 +308,7 @@ def koleo_loss(cls_features, n_crops=2, eps=1e-8):
 
 
 # -----------------------------------------------------------------------------
-# Reconstruction: L1 + LPIPS (RECIPE §5). LPIPS written from its definition; weights come from user files.
+# Reconstruction: L1 + LPIPS (Method §5). LPIPS written from its definition; weights come from user files.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -333,7 +333,7 @@ class _LinearHead(nn.Module):
 
 class LPIPS(nn.Module):
     """
-    LPIPS v0.1 with a VGG16 trunk (RECIPE §5, reconstruction), frozen and always in eval mode.
+    LPIPS v0.1 with a VGG16 trunk (Method §5, reconstruction), frozen and always in eval mode.
 
     forward(x, y): x, y (B, 3, H, W) in [-1, 1] -> (B,) distances. Per stage s of relu{1_2,2_2,3_3,4_3,5_3}:
     unit-normalize the features over channels (eps 1e-10), square the difference, weight channels with the 1x1
@@ -404,7 +404,7 @@ def imagenet_to_unit(x):
 
 class ReconstructionLoss(nn.Module):
     """
-    L_rec = l1_weight·L1 + lpips_weight·LPIPS (RECIPE §5, reconstruction).
+    L_rec = l1_weight·L1 + lpips_weight·LPIPS (Method §5, reconstruction).
 
     forward(recon, target): both (B, 3, H, W) ImageNet-normalized (the decoder's output space). L1 is the mean
     absolute error in that space; LPIPS runs on the images mapped to [-1, 1] and is averaged over the batch.
@@ -439,12 +439,12 @@ class ReconstructionLoss(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: PatchGAN discriminator, hinge losses, adaptive weight (RECIPE §5, Stage-2 GAN)
+# Stage 2: PatchGAN discriminator, hinge losses, adaptive weight (Method §5, Stage-2 GAN)
 
 
 class PatchDiscriminator(nn.Module):
     """
-    PatchGAN (pix2pix NLayerDiscriminator shape; RECIPE §5 Stage-2 GAN): (B, 3, H, W) -> (B, 1, h, w) patch logits.
+    PatchGAN (pix2pix NLayerDiscriminator shape; Method §5 Stage-2 GAN): (B, 3, H, W) -> (B, 1, h, w) patch logits.
 
     conv4x4 s2 + LeakyReLU(0.2); then n_layers − 1 × [conv4x4 s2 + norm + LeakyReLU], doubling channels (cap 8×);
     one conv4x4 s1 + norm + LeakyReLU; a final conv4x4 s1 to 1 channel. n_layers strided convs in all.
@@ -489,7 +489,7 @@ def hinge_g_loss(logits_fake):
 def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight, max_weight=1e4):
     """
     ‖∇_w L_rec‖ / (‖∇_w L_adv‖ + 1e-4) at the decoder's last layer weight w, clamped to [0, max_weight] and
-    detached (RECIPE §5 Stage-2 GAN; VQGAN). Uses autograd.grad with retain_graph, so .backward() can follow.
+    detached (Method §5 Stage-2 GAN; VQGAN). Uses autograd.grad with retain_graph, so .backward() can follow.
     """
     g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
     g_adv = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
@@ -500,7 +500,7 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight, max_weight=1e4):
 def gan_generator_loss(rec_loss, logits_fake, last_layer_weight, step, gan_weight=0.5, gan_start=0,
                        max_adaptive=1e4):
     """
-    Stage-2 decoder objective (RECIPE §5): rec_loss + [step >= gan_start]·gan_weight·w_adaptive·hinge_g(D(x̂)).
+    Stage-2 decoder objective (Method §5): rec_loss + [step >= gan_start]·gan_weight·w_adaptive·hinge_g(D(x̂)).
 
     rec_loss: scalar L_rec (ReconstructionLoss "total"); logits_fake: discriminator output on the reconstruction
     (may be None before gan_start); last_layer_weight: the decoder's final layer weight (its conv/linear `.weight`).
@@ -515,12 +515,13 @@ def gan_generator_loss(rec_loss, logits_fake, last_layer_weight, step, gan_weigh
 
 
 # -----------------------------------------------------------------------------
-# Stage-1 total (RECIPE §1, §5)
+# Stage-1 total (Method §1, §5)
 
 
 def vtp_loss(loss_cfg, rec=None, clip=None, dino=None, ibot=None, koleo=None):
     """
-    L = λ_rec·L_rec + λ_ssl·L_ssl + λ_clip·L_clip with L_ssl = L_dino + L_ibot + koleo_weight·L_koleo (RECIPE §1, §5).
+    L = λ_rec·L_rec + λ_ssl·L_ssl + λ_clip·L_clip with L_ssl = L_dino + L_ibot + koleo_weight·L_koleo
+    (Method §1, §5).
 
     loss_cfg: LossConfig (lambda_rec, lambda_ssl, lambda_clip, koleo_weight). rec: ReconstructionLoss's dict
     (or a scalar); clip, dino, ibot, koleo: scalars. A term whose λ is 0 is not needed (pass None; a given one is

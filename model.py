@@ -1,7 +1,8 @@
 """
 VTP tokenizer: the shared config tree and every network of the tokenizer.
 
-"Towards Scalable Pre-training of Visual Tokenizers for Generation" (VTP, arXiv 2512.13687).
+"Towards Scalable Pre-training of Visual Tokenizers for Generation" (VTP, arXiv 2512.13687). "Method §N" refers to the
+README's Method section.
 A ViT encoder trained with CLIP + self-supervised (DINOv2-style) + reconstruction losses, a 64-channel
 bottleneck at stride 16, and a ViT pixel decoder. This file holds:
 
@@ -270,7 +271,7 @@ def _from_dict(cls, d):
 
 
 def _released_preset(name, width, depth, heads, drop_path_ssl):
-    """S/B/L as released (RECIPE §2-4): 256 px, patch 16, f16d64, CLIP text tower, decoder mirrors the encoder."""
+    """S/B/L as released (Method §2-4): 256 px, patch 16, f16d64, CLIP text tower, decoder mirrors the encoder."""
     c = Config(preset=name)
     c.encoder = EncoderConfig(image_size=256, patch_size=16, width=width, depth=depth, num_heads=heads,
                               latent_dim=64, drop_path_ssl=drop_path_ssl)
@@ -453,7 +454,8 @@ def config_summary(cfg, where="config.json"):
     """For the start-up print: the values that differ from the preset's, as `key=value` lines (the full config is
     saved to `where`)."""
     base = PRESETS[cfg.preset]() if cfg.preset in PRESETS else Config()
-    changed = [f"  {k}={_get(cfg, k)}  (preset: {_get(base, k)})" for k in _all_keys(cfg) if _get(cfg, k) != _get(base, k)]
+    changed = [f"  {k}={_get(cfg, k)}  (preset: {_get(base, k)})" for k in _all_keys(cfg)
+               if _get(cfg, k) != _get(base, k)]
     head = f"config: preset {cfg.preset}, " + (f"{len(changed)} value(s) changed" if changed else "unchanged")
     return "\n".join([f"{head} (full config in {where})"] + changed)
 
@@ -530,7 +532,7 @@ def adamw(params, device, **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# Building blocks (RECIPE §2-3)
+# Building blocks (Method §2-3)
 
 
 def swiglu_hidden(width, mlp_hidden=0):
@@ -542,7 +544,7 @@ def swiglu_hidden(width, mlp_hidden=0):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, weight only (no bias), eps 1e-5 (RECIPE §2)."""
+    """RMSNorm computed in fp32, weight only (no bias), eps 1e-5 (Method §2)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -557,7 +559,7 @@ class RMSNorm(nn.Module):
 
 class RopeEmbedding(nn.Module):
     """
-    2D axial RoPE of DINOv3 as released (RECIPE §2). head_dim/4 periods `base^(2i/(head_dim/2))`; patch centres
+    2D axial RoPE of DINOv3 as released (Method §2). head_dim/4 periods `base^(2i/(head_dim/2))`; patch centres
     `(k + 0.5)/H`, `(k + 0.5)/W` mapped to [-1, 1]; angles `2π·coord/period` for y then x (head_dim/2 values), tiled
     twice to head_dim. Everything runs in `dtype` (bf16 in the released models, whose `periods` buffer is bf16).
     forward(H, W) -> (sin, cos), each (H*W, head_dim).
@@ -624,7 +626,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(w1 x) * w2 x), all with bias (RECIPE §2)."""
+    """w3(silu(w1 x) * w2 x), all with bias (Method §2)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -664,7 +666,7 @@ class Block(nn.Module):
 
 
 def init_vit_weights(module):
-    """Linear: trunc-normal std 0.02, bias 0 (RECIPE §2)."""
+    """Linear: trunc-normal std 0.02, bias 0 (Method §2)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -672,7 +674,7 @@ def init_vit_weights(module):
 
 
 # -----------------------------------------------------------------------------
-# Encoder (RECIPE §2)
+# Encoder (Method §2)
 
 
 class PatchEmbed(nn.Module):
@@ -751,7 +753,7 @@ class VisionTransformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Pixel decoder (RECIPE §3)
+# Pixel decoder (Method §3)
 
 
 class PixelDecoder(nn.Module):
@@ -783,7 +785,7 @@ class PixelDecoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Text encoder (RECIPE §4): CLIP's causal pre-LN transformer, tensor names as in OpenCLIP / the released models.
+# Text encoder (Method §4): CLIP's causal pre-LN transformer, tensor names as in OpenCLIP / the released models.
 
 
 class TextAttention(nn.Module):
@@ -837,7 +839,7 @@ class TextTransformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# DINO head (RECIPE §5) and the teacher's EMA
+# DINO head (Method §5) and the teacher's EMA
 
 
 class DINOHead(nn.Module):
@@ -878,7 +880,7 @@ def ema_update(teacher, student, momentum):
 
 class VTP(nn.Module):
     """
-    The VTP tokenizer (RECIPE §2-4). Attribute names follow the released checkpoints, so `state_dict()` keys are
+    The VTP tokenizer (Method §2-4). Attribute names follow the released checkpoints, so `state_dict()` keys are
     those of `model.safetensors` (trunk.*, visual_proj, pixel_decoder.*, token_embedding, positional_embedding,
     text_transformer.*, ln_final, text_projection, logit_scale). Images are ImageNet-normalized (B, 3, H, W);
     `decode` returns images in that same space.

@@ -1,5 +1,5 @@
 """
-VTP pre-training (RECIPE §1, §5, §6).
+VTP pre-training (the README's Method §1, §5, §6).
 
 Stage 1 (default): one ViT encoder trained from scratch with CLIP + SSL (DINO + iBOT + KoLeo against an EMA teacher)
 + reconstruction through the bottleneck and the pixel decoder, one optimizer step on the weighted sum.
@@ -35,7 +35,7 @@ from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_sum
                    setup_distributed)
 
 # -----------------------------------------------------------------------------
-# Schedules: pure functions of the step (RECIPE §5-6)
+# Schedules: pure functions of the step (Method §5-6)
 
 
 def lr_at(step, cfg: Config, peak):
@@ -64,7 +64,7 @@ def teacher_temp_at(step, cfg: Config):
 
 
 def peak_lr(cfg: Config, world_size):
-    """Peak lr scaled by sqrt(global CLIP batch / lr_ref_batch) (RECIPE §6)."""
+    """Peak lr scaled by sqrt(global CLIP batch / lr_ref_batch) (Method §6)."""
     global_batch = cfg.data.batch_size * world_size * cfg.train.accum_steps
     return cfg.optim.lr * math.sqrt(global_batch / cfg.optim.lr_ref_batch)
 
@@ -452,7 +452,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: decoder-only GAN fine-tuning (RECIPE §1.3, §5)
+# Stage 2: decoder-only GAN fine-tuning (Method §1.3, §5)
 
 
 def load_stage1(cfg: Config):

@@ -1,5 +1,5 @@
 """
-Stage 3: a class-conditional LightningDiT trained with flow matching on frozen VTP latents (RECIPE §1.4, §7).
+Stage 3: a class-conditional LightningDiT trained with flow matching on frozen VTP latents (README Method §1, §7).
 
     python train_dit.py --tokenizer=runs/pretrain          # tiny DiT on the built-in data, CPU, ~14 minutes
     torchrun --nproc_per_node=8 train_dit.py --tokenizer=<ckpt or released folder> --dit.model=XL \\
@@ -21,7 +21,7 @@ The file reads top to bottom:
   4. `main()`: config -> compute setup -> tokenizer + latent cache -> model -> optimizer -> loop -> final save;
   5. sampling: `sample_images()` (also used by evaluate.py) and the `sample` sub-command.
 
-Paper settings (RECIPE §7): XL (or S/B) with patch 1, AdamW 2e-4, betas (0.9, 0.95), global batch 1024, 100k
+Paper settings (Method §7): XL (or S/B) with patch 1, AdamW 2e-4, betas (0.9, 0.95), global batch 1024, 100k
 steps, EMA 0.9999 (the preset default), logit-normal t with (-0.5, 1.25) for S/B and `--dit.t_mu=-0.75
 --dit.t_sigma=1.0` for L, Euler 250 steps with s = 0.075. The latent cache is float32 and memory-mapped: ImageNet
 at f16d64 (64 x 16 x 16, two flips) takes about 170 GB of disk.
@@ -166,7 +166,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """
-    Class-conditional LightningDiT over a latent map (RECIPE §7). forward(x, t, y) -> velocity, with
+    Class-conditional LightningDiT over a latent map (Method §7). forward(x, t, y) -> velocity, with
     x (B, C, H, W) latents, t (B,) in [0, 1] (1 = data), y (B,) labels in [0, num_classes] (num_classes = null).
 
     Patch embedding = patchify + Linear (the same map as a stride-p conv), plus the fixed 2D sin-cos position
@@ -243,7 +243,7 @@ def build_dit(name, input_size, in_channels, num_classes, patch_size=1, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# 2. Flow matching: objective and ODE sampler (RECIPE §7)
+# 2. Flow matching: objective and ODE sampler (Method §7)
 
 
 def shift_time(t, s):
@@ -312,7 +312,7 @@ class FlowMatching:
 
 
 # -----------------------------------------------------------------------------
-# 3. Latent cache (RECIPE §7): encode once with the frozen tokenizer, store each image and its flip
+# 3. Latent cache (Method §7): encode once with the frozen tokenizer, store each image and its flip
 
 
 def latent_stats(latents):
