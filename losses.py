@@ -91,7 +91,8 @@ def all_gather_with_grad(t, rank, world_size):
 
 @contextmanager
 def _fp32(t):
-    """Disable autocast on `t`'s device: softmax / Sinkhorn-Knopp / KoLeo must run in fp32 (AMP keeps them in fp32)."""
+    """Disable autocast on `t`'s device: softmax / Sinkhorn-Knopp / KoLeo must run in fp32: in bf16/fp16 they lose
+    the small differences they are about."""
     with torch.autocast(device_type=t.device.type, enabled=False):
         yield
 
