@@ -1,6 +1,7 @@
 """
 Evaluation of a VTP tokenizer and of a DiT trained on its latents (the README's Method §8).
 
+    python evaluate.py judge                               # train (once) the built-in data's CNN judge, runs/judge
     python evaluate.py zero-shot --ckpt=runs/pretrain      # CLIP zero-shot top-1 / top-5 with prompt templates
     python evaluate.py retrieval --ckpt=runs/pretrain      # image<->text recall@1/5/10 on the val captions
     python evaluate.py probe     --ckpt=runs/pretrain      # linear probe (lr grid, best on val) + k-NN
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
 from losses import LPIPS
 from model import (Config, ConfigError, cleanup_distributed, latest_checkpoint, load_vtp, parse_config, print0,
-                   run_cli, set_config_value, setup_distributed, validate_config)
+                   run_cli, save_checkpoint, set_config_value, setup_distributed, validate_config)
 from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
@@ -569,6 +570,102 @@ def _amp(cfg, device):
 
 
 # -----------------------------------------------------------------------------
+# The judge of the built-in data (Method §8) [ours]. FID needs Inception weights trained on ImageNet, and FD_vtp
+# scores each tokenizer in its own feature space, so neither compares tokenizers on the built-in scenes. The judge
+# is a small CNN shape classifier trained once, deterministically, and saved: its accuracy on generated samples
+# says whether they show their class, and the Fréchet distance in its 128-d penultimate space (FD_judge) puts the
+# reconstructions and generations of every tokenizer on one scale.
+
+JUDGE_TRAIN_IMAGES, JUDGE_EPOCHS, JUDGE_BATCH, JUDGE_LR = 20_000, 6, 128, 2e-3
+JUDGE_VAL_IMAGES = 1000
+
+
+class ShapeJudge(nn.Module):
+    """ImageNet-normalized (B, 3, S, S) -> conv stack -> global max-pool -> `features` (B, 128) -> logits (B, C)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]  # noqa: E731
+        self.features = nn.Sequential(*conv(3, 32), *conv(32, 64), nn.MaxPool2d(2), *conv(64, 64), nn.MaxPool2d(2),
+                                      *conv(64, 128), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def labelled_images(cfg, split, size, n):
+    """The first n images of `split` at `size` px (ImageNet-normalized, on the CPU) and their labels."""
+    xs, ys = [], []
+    for batch in build_eval_loader(cfg, split, size, 256, max_images=n):
+        xs.append(batch["images"])
+        ys.append(batch["labels"].long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def train_judge(x, y, num_classes, epochs=JUDGE_EPOCHS, seed=0, batch_size=JUDGE_BATCH, lr=JUDGE_LR):
+    """
+    Train a ShapeJudge on images x (N, 3, S, S) with labels y (N,). Deterministic: the initialization and every
+    draw (order, flips) come from `seed`, never from the global RNG, so a seed gives bit-identical weights.
+    """
+    with torch.random.fork_rng(devices=[]):  # the init draws from the global RNG: fork it, seed it, restore it
+        torch.manual_seed(seed)
+        judge = ShapeJudge(num_classes)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            flip = torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5  # the DiT sees flipped images too
+            loss = F.cross_entropy(judge(torch.where(flip, x[idx].flip(-1), x[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return judge.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def judge_outputs(judge, images, batch_size=256):
+    """(features (N, 128), logits (N, C)) of ImageNet-normalized images, in batches, float32 on the CPU."""
+    feats, logits = [], []
+    device = next(judge.parameters()).device
+    for i in range(0, len(images), batch_size):
+        f = judge.features(images[i:i + batch_size].to(device).float())
+        feats.append(f.cpu())
+        logits.append(judge.fc(f).cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def load_judge(cfg, size, folder, seed=0, device="cpu", num_images=JUDGE_TRAIN_IMAGES, epochs=JUDGE_EPOCHS):
+    """
+    The judge of the built-in data at `size` px: loaded from `folder` if trained before, else trained on the
+    first `num_images` training scenes, scored on the val split and saved there. Returns (ShapeJudge, info dict
+    with its val accuracy and path).
+    """
+    if cfg.data.dataset != "builtin":
+        raise ConfigError(f"the judge knows only the built-in scenes, not data.dataset={cfg.data.dataset!r}")
+    name = f"judge_{size}px_data{cfg.data.seed}_seed{seed}_n{num_images}_e{epochs}.pt"
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        judge = ShapeJudge(state["num_classes"])
+        judge.load_state_dict(state["model"])
+        info = state["info"]
+    else:
+        print0(f"training the judge on {num_images} built-in scenes at {size} px (once; saved to {path}) ...")
+        x, y = labelled_images(cfg, "train", size, num_images)
+        num_classes = int(y.max()) + 1
+        judge = train_judge(x, y, num_classes, epochs, seed)
+        xv, yv = labelled_images(cfg, "val", size, JUDGE_VAL_IMAGES)
+        acc = (judge_outputs(judge, xv)[1].argmax(1) == yv).float().mean().item()
+        info = {"val_accuracy": acc, "num_val": len(yv), "size": size, "seed": seed, "num_images": num_images,
+                "epochs": epochs, "path": path}
+        if not _not_rank0():
+            save_checkpoint(path, {"model": judge.state_dict(), "num_classes": num_classes, "info": info})
+    print0(f"judge: {path}, accuracy {info['val_accuracy']:.4f} on {info['num_val']} real val scenes")
+    return judge.to(device).eval().requires_grad_(False), info
+
+
+# -----------------------------------------------------------------------------
 # Shared state of one evaluation run.
 
 
@@ -581,7 +678,7 @@ class Evaluator:
     def __init__(self, cli, overrides, rank=0, world_size=1, device=torch.device("cpu")):
         self.cli, self.overrides = cli, overrides
         self.rank, self.world_size, self.device = rank, world_size, device
-        self._vtp, self._inception, self._lpips, self._judges = None, None, False, {}
+        self._vtp, self._inception, self._lpips, self._judges, self._shape_judges = None, None, False, {}, {}
 
     def merge(self, base):
         """The evaluation config: `base` (a checkpoint's config: architecture, data) with this run's eval and
@@ -623,6 +720,16 @@ class Evaluator:
                 self._judges[path] = load_vtp(path, self.device)[0].requires_grad_(False)
             vtp = self._judges[path]
         return FDFeatures(vtp=vtp, space=f"vtp:{path}")
+
+    def shape_judge(self, cfg, size):
+        """The built-in data's ShapeJudge at `size` px (load_judge), or None for other data."""
+        if cfg.data.dataset != "builtin":
+            return None
+        if size not in self._shape_judges:
+            e = self.cli.eval
+            self._shape_judges[size] = load_judge(cfg, size, e.judge_dir, e.judge_seed, self.device, e.judge_images,
+                                                  e.judge_epochs)[0]
+        return self._shape_judges[size]
 
     def lpips(self, cfg):
         """LPIPS from losses.py with loss.lpips_vgg_path / lpips_lin_path, or None (with a note) without them."""
@@ -793,7 +900,8 @@ def run_recon(E):
     """PSNR / SSIM (8-bit images), LPIPS, rFID or rFD_vtp of val reconstructions, and a side-by-side PNG."""
     model, cfg, _ = E.vtp()
     fd, lpips = E.fd_features(), E.lpips(cfg)
-    out = {k: [] for k in ("psnr", "ssim", "lpips", "real", "rec")}
+    judge = E.shape_judge(cfg, cfg.encoder.image_size)
+    out = {k: [] for k in ("psnr", "ssim", "lpips", "real", "rec", "judge_real", "judge_rec")}
     grid = None
     for batch in E.bar(E.loader(cfg, "val", cfg.eval.num_images), "reconstruction"):
         x = batch["images"].to(E.device)
@@ -807,6 +915,9 @@ def run_recon(E):
                 out["lpips"].append(lpips(real * 2 - 1, fake * 2 - 1).float().cpu())
         out["real"].append(fd(real)[0].cpu())
         out["rec"].append(fd(fake)[0].cpu())
+        if judge is not None:
+            out["judge_real"].append(judge_outputs(judge, normalize(real))[0])
+            out["judge_rec"].append(judge_outputs(judge, normalize(fake))[0])
         if grid is None:
             grid = (real[:cfg.eval.recon_grid].cpu(), fake[:cfg.eval.recon_grid].cpu())
     res = {k: gather_cat(torch.cat(v)) for k, v in out.items() if v}
@@ -815,6 +926,9 @@ def run_recon(E):
                name: frechet_distance(*feature_statistics(res["real"]), *feature_statistics(res["rec"])),
                "lpips": res["lpips"].mean().item() if "lpips" in res else None,
                "num_images": len(res["psnr"]), "fd_space": fd.space}
+    if judge is not None:
+        results["rFD_judge"] = frechet_distance(*feature_statistics(res["judge_real"]),
+                                                *feature_statistics(res["judge_rec"]))
     if E.rank == 0:
         results["grid_png"] = save_pair_grid(_side_path(cfg, "recon.png"), *grid)
     return results
@@ -844,25 +958,29 @@ def _resolve_ckpt(path):
 def _generated_images(E):
     """
     This rank's share of the generated images as uint8 (n, H, W, 3): a slice of eval.gen_npz (key arr_0, as
-    written by `train_dit.py sample`, or images), or samples of eval.dit_ckpt's EMA DiT (train_dit.sample_images).
-    Returns (images, the DiT checkpoint dict or None, a description of the source).
+    written by `train_dit.py sample`, or images), or samples of eval.dit_ckpt's EMA DiT (train_dit.sample_images,
+    guidance eval.cfg_scale, else the checkpoint's). Returns (images, their class labels (n,) int64 or None when
+    unknown, the DiT checkpoint dict or None, a description of the source). DiT sample i has class
+    i % num_classes; an .npz gives its classes under the key labels.
     """
     e = E.cli.eval
     if e.gen_npz:
         with np.load(e.gen_npz) as f:
             arr = f["arr_0"] if "arr_0" in f else f["images"]
+            labels = torch.from_numpy(f["labels"]).long() if "labels" in f else None
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"{e.gen_npz}: expected uint8 images (N, H, W, 3), got {arr.dtype} {arr.shape}")
         share = np.array_split(np.arange(len(arr)), E.world_size)[E.rank]
-        return arr[share], None, e.gen_npz
+        return arr[share], labels[share] if labels is not None else None, None, e.gen_npz
     path = _resolve_ckpt(e.dit_ckpt)
     if path is None:
         raise FileNotFoundError(f"--dit_ckpt={e.dit_ckpt!r}: no DiT checkpoint there (train one with train_dit.py, "
                                 "or pass --gen_npz=samples.npz)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    images, _ = sample_images(path, e.num_gen, seed=e.seed, batch_size=e.batch_size, device=E.device,
-                              num_steps=e.gen_steps or None, rank=E.rank, world_size=E.world_size)
-    return images, ckpt, path
+    images, indices = sample_images(path, e.num_gen, seed=e.seed, batch_size=e.batch_size, device=E.device,
+                                    num_steps=e.gen_steps or None, rank=E.rank, world_size=E.world_size,
+                                    cfg_scale=e.cfg_scale if e.cfg_scale > 0 else None)
+    return images, torch.from_numpy(indices % ckpt["dit_args"]["num_classes"]), ckpt, path
 
 
 def reference_statistics(E, cfg, fd, image_size):
@@ -892,8 +1010,9 @@ def reference_statistics(E, cfg, fd, image_size):
 
 
 def run_gen(E):
-    """gFID (or gFD_vtp) of generated images against the reference statistics; Inception Score with Inception."""
-    images, dit_ckpt, source = _generated_images(E)
+    """gFID (or gFD_vtp) of generated images against the reference statistics; Inception Score with Inception.
+    On the built-in data also the judge's class accuracy of the samples and gFD_judge."""
+    images, labels, dit_ckpt, source = _generated_images(E)
     e = E.cli.eval
     # Reference data: the data the DiT was trained on, else the tokenizer's, else the defaults (+ --data.* flags).
     base = Config.from_dict(dit_ckpt["config"]) if dit_ckpt else E.vtp()[1] if e.ckpt else Config()
@@ -916,6 +1035,16 @@ def run_gen(E):
                "source": source, "fd_space": fd.space}
     if logits:
         results["inception_score"], results["inception_score_std"] = inception_score(gather_cat(torch.cat(logits)))
+    judge = E.shape_judge(cfg, x.shape[-1])
+    if judge is not None:  # the built-in data: class accuracy and gFD_judge against the reference images
+        feats, logits = judge_outputs(judge, normalize(x))
+        ref = labelled_images(cfg, "train", x.shape[-1], cfg.eval.num_images)[0]  # the reference set of gFD
+        ref = normalize(quantize(denormalize(ref)))  # 8-bit, like the samples
+        results["gFD_judge"] = frechet_distance(*feature_statistics(gather_cat(feats)),
+                                                *feature_statistics(judge_outputs(judge, ref)[0]))
+        if labels is not None:
+            correct = gather_cat((logits.argmax(1) == labels).float())
+            results["judge_accuracy"] = correct.mean().item()
     if E.rank == 0 and len(x):
         n = min(8, len(x))
         second_row = x[n:2 * n] if len(x) >= 2 * n else None
@@ -926,10 +1055,21 @@ def run_gen(E):
 # -----------------------------------------------------------------------------
 # CLI
 
-COMMANDS = {"zero-shot": run_zero_shot, "retrieval": run_retrieval, "probe": run_probe, "recon": run_recon,
-            "gen": run_gen}
+def run_judge(E):
+    """Train (once) or load the built-in data's judge at the tokenizer's image size; report its val accuracy."""
+    cfg = E.vtp()[1] if E.cli.eval.ckpt else E.merge(E.cli)
+    if cfg.data.dataset != "builtin":
+        return {"skipped": f"the judge knows only the built-in scenes, not data.dataset={cfg.data.dataset!r}"}
+    e = E.cli.eval
+    _, info = load_judge(cfg, cfg.encoder.image_size, e.judge_dir, e.judge_seed, E.device, e.judge_images,
+                         e.judge_epochs)
+    return info
+
+
+COMMANDS = {"judge": run_judge, "zero-shot": run_zero_shot, "retrieval": run_retrieval, "probe": run_probe,
+            "recon": run_recon, "gen": run_gen}
 ALIASES = {"ckpt": "eval.ckpt", "dit_ckpt": "eval.dit_ckpt", "gen_npz": "eval.gen_npz"}
-USAGE = ("usage: python evaluate.py {zero-shot,retrieval,probe,recon,gen,all} --ckpt=PATH "
+USAGE = ("usage: python evaluate.py {judge,zero-shot,retrieval,probe,recon,gen,all} --ckpt=PATH "
          "[--dit_ckpt=PATH | --gen_npz=FILE] "
          "[--eval.inception_path=pt_inception-2015-12-05-6726825d.pth] [--key=value ...]")
 
@@ -945,7 +1085,10 @@ def check_eval_config(cfg):
               ("eval.num_images", e.num_images >= 2, "must be >= 2 (statistics need two samples)"),
               ("eval.num_gen", e.num_gen >= 2, "must be >= 2"), ("eval.batch_size", e.batch_size >= 1, "must be >= 1"),
               ("eval.knn_k", e.knn_k >= 1, "must be >= 1"), ("eval.probe_epochs", e.probe_epochs >= 1, "must be >= 1"),
-              ("eval.probe_batch_size", e.probe_batch_size >= 1, "must be >= 1")]
+              ("eval.probe_batch_size", e.probe_batch_size >= 1, "must be >= 1"),
+              ("eval.cfg_scale", e.cfg_scale >= 0, "must be >= 0 (0 = the DiT checkpoint's)"),
+              ("eval.judge_images", e.judge_images >= 8, "must be >= 8"),
+              ("eval.judge_epochs", e.judge_epochs >= 1, "must be >= 1")]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"invalid config value {key}={getattr(e, key.split('.')[1])!r}: {why}")

@@ -231,6 +231,11 @@ class EvalConfig:
     probe_batch_size: int = 256  # probe: mini-batch size
     recon_grid: int = 8  # recon: image pairs in the side-by-side PNG
     fd_ckpt: str = ""  # FD_vtp judge: tokenizer whose features it uses; empty = eval.ckpt (gen: the DiT's tokenizer)
+    judge_dir: str = "runs/judge"  # built-in data: where the CNN judge (accuracy, FD_judge) is saved once trained
+    judge_seed: int = 0  # built-in data: the judge's training seed
+    judge_images: int = 20_000  # built-in data: training scenes of the judge
+    judge_epochs: int = 6  # built-in data: epochs of the judge's training
+    cfg_scale: float = 0.0  # gen: guidance scale of the DiT samples; 0 = the DiT checkpoint's dit.cfg_scale
 
 
 @dataclass

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+import tempfile
 
 import numpy as np
 import pytest
@@ -347,7 +348,9 @@ def test_gather_cat_two_processes():
 
 from model import Config, ConfigError, VTP, save_checkpoint  # noqa: E402
 
-SMALL = ["--eval.num_images=16", "--eval.batch_size=8", "--eval.probe_epochs=3", "--eval.probe_lrs=0.1"]
+JUDGE_DIR = os.path.join(tempfile.mkdtemp(prefix="vtp_test_judge_"))  # never the repository's runs/judge
+SMALL = ["--eval.num_images=16", "--eval.batch_size=8", "--eval.probe_epochs=3", "--eval.probe_lrs=0.1",
+         "--eval.judge_images=64", "--eval.judge_epochs=1", f"--eval.judge_dir={JUDGE_DIR}"]
 
 
 @pytest.fixture(scope="module")
@@ -525,3 +528,78 @@ def test_retrieval_identical_features_and_a_known_permutation():
     # captions 0..4 describe images 1,0,3,2,4 but carry the features of images 0..4: only caption 4 is right at R@1
     r = ev.retrieval_recall(f[:5], f[:5], torch.tensor([1, 0, 3, 2, 4]), ks=(1,))
     assert r["text_to_image_R@1"] == pytest.approx(20.0) and r["image_to_text_R@1"] == pytest.approx(20.0)
+
+
+# -----------------------------------------------------------------------------
+# The judge of the built-in data
+
+
+@pytest.fixture(scope="module")
+def judge_data():
+    x, y = ev.labelled_images(Config(), "train", 32, 400)
+    return x, y
+
+
+def test_judge_training_is_deterministic(judge_data):
+    x, y = judge_data
+    torch.manual_seed(123)
+    before = torch.rand(3)  # the global RNG must come out of the training untouched
+    a = ev.train_judge(x, y, 8, epochs=2, seed=0)
+    b = ev.train_judge(x, y, 8, epochs=2, seed=0)
+    c = ev.train_judge(x, y, 8, epochs=2, seed=1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), before)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed: bit-identical weights
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # another seed: other weights
+    feats, logits = ev.judge_outputs(a, x[:10])
+    assert feats.shape == (10, 128) and logits.shape == (10, 8)
+
+
+def test_judge_learns_shapes():
+    x, y = ev.labelled_images(Config(), "train", 32, 3000)
+    judge = ev.train_judge(x, y, 8, epochs=3, seed=0)
+    xv, yv = ev.labelled_images(Config(), "val", 32, 200)
+    assert (ev.judge_outputs(judge, xv)[1].argmax(1) == yv).float().mean() > 0.4  # chance 0.125
+
+
+def test_fd_judge_zero_on_itself_and_grows_when_classes_shift(judge_data):
+    x, y = judge_data
+    judge = ev.train_judge(x, y, 8, epochs=4, seed=0)
+    feats = ev.judge_outputs(judge, x)[0]
+    stats = ev.feature_statistics(feats)
+    assert abs(ev.frechet_distance(*stats, *stats)) < 1e-3  # dead ReLU units: singular covariances, the eps retry
+    half = feats[y < 4]  # the same number of images, but only the first four classes
+    shifted = half[torch.arange(len(feats)) % len(half)]
+    other = feats[torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))]  # same set, reordered
+    assert abs(ev.frechet_distance(*ev.feature_statistics(other), *stats)) < 1e-3
+    assert ev.frechet_distance(*ev.feature_statistics(shifted), *stats) > 0.05
+
+
+def test_load_judge_trains_once_and_reuses(tmp_path, capsys):
+    cfg = Config()
+    a, info = ev.load_judge(cfg, 32, str(tmp_path), num_images=64, epochs=1)
+    assert os.path.isfile(info["path"]) and 0 <= info["val_accuracy"] <= 1 and "training the judge" in capsys.readouterr().out
+    b, info2 = ev.load_judge(cfg, 32, str(tmp_path), num_images=64, epochs=1)
+    assert "training the judge" not in capsys.readouterr().out and info2 == info
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    cfg.data.dataset = "folder"
+    with pytest.raises(ConfigError, match="built-in"):
+        ev.load_judge(cfg, 32, str(tmp_path))
+
+
+def test_cli_gen_judge_accuracy_and_fd(tiny_ckpt, tmp_path):
+    real = _real_images(16)
+    labels = np.asarray(ev.labelled_images(Config(), "train", 32, 16)[1])
+    args = ["gen", f"--ckpt={tiny_ckpt}", f"--eval.out={tmp_path / 'res.json'}"] + SMALL
+    right, wrong = tmp_path / "right.npz", tmp_path / "wrong.npz"
+    np.savez(right, arr_0=real, labels=labels)
+    np.savez(wrong, arr_0=real, labels=(labels + 1) % 8)
+    a = ev.main(args + [f"--gen_npz={right}"])["gen"]
+    b = ev.main(args + [f"--gen_npz={wrong}"])["gen"]
+    assert abs(a["gFD_judge"]) < 1e-3 and b["gFD_judge"] == a["gFD_judge"]  # the reference images themselves
+    judge, _ = ev.load_judge(Config(), 32, JUDGE_DIR, num_images=64, epochs=1)  # the judge the CLI saved
+    x = ev.normalize(torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255)
+    pred = ev.judge_outputs(judge, x)[1].argmax(1).numpy()
+    assert a["judge_accuracy"] == pytest.approx((pred == labels).mean())
+    assert b["judge_accuracy"] == pytest.approx((pred == (labels + 1) % 8).mean())

@@ -455,20 +455,3 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     arr = np.load(os.path.join(out, "samples", "samples.npz"))["arr_0"]
     ref, _ = sample_images(out, 5, num_steps=3)
     assert arr.shape == (5, 32, 32, 3) and np.abs(arr.astype(int) - ref.astype(int)).max() <= 1
-
-
-def test_class_accuracy_judge(tokenizer, tmp_path):
-    """scripts/dit_class_accuracy.py: its CNN judge, briefly trained, names the shape of real val scenes far above
-    chance (1/8), and it scores the samples of a DiT checkpoint."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import dit_class_accuracy as dca
-    finally:
-        sys.path.pop(0)
-    cfg = Config()
-    judge = dca.train_judge(cfg, 32, num_images=4000, epochs=3)
-    assert dca.accuracy(judge, *dca.load_images(cfg, "val", 32, 300)) > 0.4  # chance 0.125
-    out = str(tmp_path / "dit")
-    main(run_args(tokenizer, out, "--dit.max_steps=1"))
-    accs = dca.sample_accuracy(judge, out, n=16, cfg_scales=(1.0, 4.0), num_steps=2)
-    assert len(accs) == 2 and all(a * 16 == round(a * 16) and 0.0 <= a <= 1.0 for a in accs)
