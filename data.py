@@ -401,15 +401,6 @@ class BPETokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "context_length": self.context_length,
                 "merges": [list(p) for p in self.merges]}
 
-    def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.state_dict(), f)
-
-    @classmethod
-    def load(cls, path):
-        with open(path) as f:
-            return tokenizer_from_state(json.load(f))
-
 
 def tokenizer_from_state(state):
     """Rebuild a tokenizer from `BPETokenizer.state_dict()` (e.g. `ckpt["tokenizer"]`)."""
@@ -1261,10 +1252,6 @@ class PretrainLoader:
         batch = next(self._iter)
         self.stream.advance(batch.pop("_position"))
         return batch
-
-    @property
-    def epoch(self):
-        return self.state_dict()["epoch"]
 
     def state_dict(self):
         return self.stream.state_dict()

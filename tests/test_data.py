@@ -273,7 +273,7 @@ def test_bpe_train_hand_worked_merges():
     assert (tok.sot_id, tok.eot_id) == (258, 259)
 
 
-def test_bpe_round_trips_save_load_and_pickle(tmp_path):
+def test_bpe_round_trips_state_dict_and_pickle(tmp_path):
     captions = [data.BuiltinScenes("train", 32).caption(i) for i in range(300)] + EDGE_CASES
     tok = data.BPETokenizer(400, 32).train(captions)
     assert len(tok.merges) == 400 - 258 and tok.eot_id == 399 == tok.vocab_size - 1
@@ -282,9 +282,7 @@ def test_bpe_round_trips_save_load_and_pickle(tmp_path):
         assert tok.decode(ids) == text and all(0 <= i < tok.sot_id for i in ids)
     caption = captions[0]
     assert len(tok.encode(caption)) < len(caption.encode()) / 2  # it learned the caption vocabulary
-    tok.save(tmp_path / "bpe.json")
-    for other in (data.BPETokenizer.load(tmp_path / "bpe.json"), data.tokenizer_from_state(tok.state_dict()),
-                  pickle.loads(pickle.dumps(tok))):
+    for other in (data.tokenizer_from_state(tok.state_dict()), pickle.loads(pickle.dumps(tok))):
         assert all(other.encode(t) == tok.encode(t) for t in EDGE_CASES + captions[:20])
         assert torch.equal(other(captions[:4]), tok(captions[:4]))
     # a state_dict holds only plain python types, so it loads from a weights_only checkpoint
@@ -505,7 +503,7 @@ def test_loader_resume_continues_exactly():
     resumed.load_state_dict(state)
     for k in range(4, 7):
         batches_equal(next(resumed), reference[k])
-    assert resumed.epoch == 1
+    assert resumed.state_dict()["epoch"] == 1
     assert sorted(c for b in reference[:5] for c in b["captions"]) == sorted(
         data.BuiltinScenes("train", 32, 40).caption(i) for i in range(40))  # an epoch sees every scene once
 
