@@ -129,15 +129,45 @@ def test_bad_config_fails_at_start_up(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+# the parameters that each objective alone trains (the shared trunk trains under every setting)
+OBJECTIVE_PARAMS = {
+    "clip": ("vtp.token_embedding.", "vtp.positional_embedding", "vtp.text_transformer.", "vtp.ln_final.",
+             "vtp.text_projection", "vtp.visual_proj.", "vtp.logit_scale"),
+    "ssl": ("dino_head.", "vtp.trunk.mask_token"),
+    "rec": ("vtp.pixel_decoder.", "vtp.trunk.feature_bottleneck."),
+}
+
+
 @pytest.mark.parametrize("lams", [("0.1", "0", "0"), ("0.1", "0", "1"), ("0.1", "1", "0"), ("0", "1", "1")],
                          ids=["ae_only", "clip_ae", "ssl_ae", "no_rec"])
-def test_ablations_run(tmp_path, lams):
+def test_ablations_run(tmp_path, lams, monkeypatch):
+    """A λ of 0 leaves the parameters only its objective uses bit-identical to their initial values (Method §1),
+    while the parameters of the objectives that are on all move."""
+    initial = {}
+
+    class RecordingStudent(pretrain.Student):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            initial.update({n: p.detach().clone() for n, p in self.named_parameters()})
+
+    monkeypatch.setattr(pretrain, "Student", RecordingStudent)
     rec, ssl, clip = lams
-    run(tmp_path, "--train.max_steps=2", f"--loss.lambda_rec={rec}", f"--loss.lambda_ssl={ssl}",
-        f"--loss.lambda_clip={clip}")
+    student = run(tmp_path, "--train.max_steps=2", "--head.freeze_last_layer_steps=0", f"--loss.lambda_rec={rec}",
+                  f"--loss.lambda_ssl={ssl}", f"--loss.lambda_clip={clip}")
     row = metrics(tmp_path)[-1]
     assert ("clip" in row) == (clip != "0") and ("dino" in row) == (ssl != "0") and ("rec" in row) == (rec != "0")
     assert math.isfinite(row["total"])
+    final = dict(student.named_parameters())
+    assert initial.keys() == final.keys()
+    on = {"clip": clip != "0", "ssl": ssl != "0", "rec": rec != "0"}
+    for objective, prefixes in OBJECTIVE_PARAMS.items():
+        names = [n for n in final if n.startswith(prefixes)]
+        assert names, objective
+        for n in names:
+            unchanged = torch.equal(final[n], initial[n])
+            assert unchanged != on[objective], f"{n} {'did not train' if on[objective] else 'changed'}"
+    trunk = [n for n in final if n.startswith("vtp.trunk.blocks.")]
+    assert trunk and all(not torch.equal(final[n], initial[n]) for n in trunk)
 
 
 def test_non_finite_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypatch):
