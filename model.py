@@ -781,12 +781,20 @@ class PixelDecoder(nn.Module):
 
     def forward(self, z, drop_path_rate=0.0):
         B, _, h, w = z.shape
-        x = self.proj_in(z).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        x = linear_1x1(self.proj_in, z.flatten(2).transpose(1, 2))  # (B, h*w, D)
         rope = self.rope_embed(h, w)
         for blk in self.blocks:
             x = blk(x, rope, drop_path_rate)
-        x = self.norm(x).transpose(1, 2).reshape(B, -1, h, w)  # (B, D, h, w)
-        return self.pixel_shuffle(self.proj_out(x))  # (B, 3, h*p, w*p)
+        x = linear_1x1(self.proj_out, self.norm(x))  # (B, h*w, 3*p*p)
+        return self.pixel_shuffle(x.transpose(1, 2).reshape(B, -1, h, w))  # (B, 3, h*p, w*p)
+
+
+def linear_1x1(conv, tokens):
+    """A 1x1 conv (weights as released) applied as the Linear over channels it is: tokens (B, N, C_in) ->
+    (B, N, C_out). On a (B, C, h, w) view of tokens (channels-last memory) the conv itself returns, from about
+    16 images on, a channels-last weight gradient, which DDP warns about ("grad strides do not match bucket view
+    strides") and copies every step; the Linear's gradient has the parameter's layout."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 # -----------------------------------------------------------------------------

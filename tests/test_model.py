@@ -218,6 +218,26 @@ def test_drop_path_is_sample_level_and_only_in_training():
     assert not torch.allclose(c, b)
 
 
+def test_decoder_1x1_convs_run_as_linears_with_gradients_in_the_parameter_layout():
+    """proj_in and proj_out run as Linears over channels: the outputs of the released 1x1 convs, and weight gradients
+    in the parameters' own layout on a latent map that is a transposed token view (as encode() returns it), where the
+    convs returned channels-last weight gradients from 16 images on (which DDP warns about and copies)."""
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    vtp = VTP(cfg)
+    dec = vtp.pixel_decoder
+    z = vtp.trunk.latents(torch.randn(16, 64, cfg.encoder.width), (8, 8)).detach().requires_grad_()
+    x = dec(z)
+    h = dec.proj_in(z).flatten(2).transpose(1, 2)  # the forward again, with the convs as released
+    for blk in dec.blocks:
+        h = blk(h, dec.rope_embed(8, 8))
+    conv_out = dec.pixel_shuffle(dec.proj_out(dec.norm(h).transpose(1, 2).reshape(16, -1, 8, 8)))
+    assert x.shape == (16, 3, 32, 32) and torch.allclose(x, conv_out, atol=1e-5)
+    x.square().mean().backward()
+    for w in (dec.proj_in.weight, dec.proj_out.weight):
+        assert w.grad.shape == w.shape and w.shape[2:] == (1, 1) and w.grad.stride() == w.stride()
+
+
 def test_dino_head_prototypes_have_unit_norm():
     cfg = small_cfg()
     D = cfg.encoder.width
