@@ -491,6 +491,12 @@ def setup_distributed(device="auto"):
     return rank, world_size, local_rank, dev
 
 
+def step_generator(seed, rank, step, device, stream=0):
+    """A generator on `device` seeded by (seed, rank, step, stream): the step number is the whole RNG state, so a
+    resumed run draws exactly what an uninterrupted one would, and no draw depends on torch's global generator."""
+    return torch.Generator(device=device).manual_seed((seed << 40) + (rank << 25) + (stream << 24) + step)
+
+
 def cleanup_distributed():
     """Barrier, then destroy the process group (avoids gloo aborts at exit). Delete DDP wrappers first."""
     if dist.is_available() and dist.is_initialized():
@@ -643,12 +649,13 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-def drop_path(x, p, training):
+def drop_path(x, p, training, generator=None):
     """Sample-level stochastic depth: drop the whole residual branch of a sample with probability p, rescale the
-    kept ones by 1/(1-p). x is the branch output (B, N, D)."""
+    kept ones by 1/(1-p). x is the branch output (B, N, D). The draws come from `generator` (on x's device; training
+    passes one seeded by (seed, rank, step), see `step_generator`), or torch's default generator when None."""
     if p == 0.0 or not training:
         return x
-    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p  # (B, 1, 1)
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=generator) >= p  # (B, 1, 1)
     return x * keep.to(x.dtype) / (1.0 - p)
 
 
@@ -664,9 +671,9 @@ class Block(nn.Module):
         self.norm2 = make_norm()
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x, rope=None, drop_path_rate=0.0):
-        x = x + drop_path(self.attn(self.norm1(x), rope), drop_path_rate, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, self.training)
+    def forward(self, x, rope=None, drop_path_rate=0.0, generator=None):
+        x = x + drop_path(self.attn(self.norm1(x), rope), drop_path_rate, self.training, generator)
+        x = x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, self.training, generator)
         return x
 
 
@@ -728,21 +735,21 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1), grid
 
-    def forward_features(self, x, masks=None, drop_path_rate=0.0, n_last=0):
+    def forward_features(self, x, masks=None, drop_path_rate=0.0, n_last=0, generator=None):
         """
         x: (B, 3, H, W) or a list of such batches (sizes may differ); masks: None, (B, N) bool, or a list aligned
         with x. Returns a dict {"cls": (B, D), "patches": (B, N, D), "grid": (h, w)} of final-normed tokens (a list
         of dicts for a list input). With n_last > 0 the dict also has "layers": the final-normed tokens after each
-        of the last n_last blocks, as (B, 1 + N, D) tensors.
+        of the last n_last blocks, as (B, 1 + N, D) tensors. Stochastic depth draws from `generator` (drop_path).
         """
         if isinstance(x, (list, tuple)):
             masks = masks if masks is not None else [None] * len(x)
-            return [self.forward_features(xi, mi, drop_path_rate, n_last) for xi, mi in zip(x, masks)]
+            return [self.forward_features(xi, mi, drop_path_rate, n_last, generator) for xi, mi in zip(x, masks)]
         x, (h, w) = self.prepare_tokens(x, masks)
         rope = self.rope_embed(h, w)
         layers = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, rope, drop_path_rate)
+            x = blk(x, rope, drop_path_rate, generator)
             if i >= len(self.blocks) - n_last:
                 layers.append(self.norm(x))
         x = self.norm(x)  # (B, 1 + N, D)
@@ -779,12 +786,12 @@ class PixelDecoder(nn.Module):
         self.pixel_shuffle = nn.PixelShuffle(patch_size)
         self.apply(init_vit_weights)
 
-    def forward(self, z, drop_path_rate=0.0):
+    def forward(self, z, drop_path_rate=0.0, generator=None):
         B, _, h, w = z.shape
         x = linear_1x1(self.proj_in, z.flatten(2).transpose(1, 2))  # (B, h*w, D)
         rope = self.rope_embed(h, w)
         for blk in self.blocks:
-            x = blk(x, rope, drop_path_rate)
+            x = blk(x, rope, drop_path_rate, generator)
         x = linear_1x1(self.proj_out, self.norm(x))  # (B, h*w, 3*p*p)
         return self.pixel_shuffle(x.transpose(1, 2).reshape(B, -1, h, w))  # (B, 3, h*p, w*p)
 
@@ -939,14 +946,14 @@ class VTP(nn.Module):
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
     # --- image side ---
-    def encode(self, images, drop_path_rate=0.0):
+    def encode(self, images, drop_path_rate=0.0, generator=None):
         """(B, 3, H, W) -> latents (B, latent_dim, H/p, W/p): encoder -> final norm -> bottleneck."""
-        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate)
+        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate, generator=generator)
         return self.trunk.latents(f["patches"], f["grid"])
 
-    def decode(self, latents, drop_path_rate=0.0):
+    def decode(self, latents, drop_path_rate=0.0, generator=None):
         """(B, latent_dim, h, w) -> images (B, 3, h*p, w*p) in the normalized input space."""
-        return self.pixel_decoder(latents, drop_path_rate)
+        return self.pixel_decoder(latents, drop_path_rate, generator)
 
     def forward(self, images):
         """Reconstruct: decode(encode(images))."""
@@ -959,9 +966,10 @@ class VTP(nn.Module):
         bottleneck = self.trunk.feature_bottleneck
         return bottleneck(f["cls"]), bottleneck(f["patches"])
 
-    def image_features(self, images, normalize=True, drop_path_rate=0.0):
+    def image_features(self, images, normalize=True, drop_path_rate=0.0, generator=None):
         """CLIP image embedding: visual_proj on the normed [CLS]. (B, 3, H, W) -> (B, embed_dim)."""
-        cls, _ = self.semantic_tokens(self.trunk.forward_features(images, drop_path_rate=drop_path_rate))
+        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate, generator=generator)
+        cls, _ = self.semantic_tokens(f)
         x = self.visual_proj(cls)
         return F.normalize(x, dim=-1) if normalize else x
 

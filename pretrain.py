@@ -32,7 +32,7 @@ import data
 import losses
 from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_summary, ema_update, export_official,
                    latest_checkpoint, official_config, parse_config, print0, run_cli, save_checkpoint,
-                   setup_distributed)
+                   setup_distributed, step_generator)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (Method §5-6)
@@ -102,24 +102,26 @@ class Student(nn.Module):
             if not cfg.encoder.latent_features:
                 v.trunk.feature_bottleneck.requires_grad_(False)
 
-    def forward(self, batch, teacher_probs=None):
+    def forward(self, batch, teacher_probs=None, generator=None):
+        """`generator`: the step's stochastic-depth draws (model.step_generator), shared by the three forwards."""
         lc, e, v = self.cfg.loss, self.cfg.encoder, self.vtp
         clip = dino = ibot = koleo = rec = recon = None
         if lc.lambda_clip > 0:
-            img = v.image_features(batch["images"], drop_path_rate=e.drop_path_clip)  # (B, E)
+            img = v.image_features(batch["images"], drop_path_rate=e.drop_path_clip, generator=generator)  # (B, E)
             txt = v.text_features(batch["tokens"])  # (B, E)
             clip = losses.clip_loss(img, txt, v.logit_scale, self.rank, self.world_size)
         diagnostics = {}
         if lc.lambda_ssl > 0:
-            dino, ibot, koleo, diagnostics = self.ssl_losses(batch, teacher_probs)
+            dino, ibot, koleo, diagnostics = self.ssl_losses(batch, teacher_probs, generator)
         if lc.lambda_rec > 0:
             target = batch["rec_images"]  # (B_rec, 3, H, W)
-            recon = v.decode(v.encode(target, drop_path_rate=e.drop_path_rec), drop_path_rate=0.0)
+            z = v.encode(target, drop_path_rate=e.drop_path_rec, generator=generator)
+            recon = v.decode(z, drop_path_rate=0.0)
             rec = self.rec_loss(recon, target)
         terms = losses.vtp_loss(lc, rec=rec, clip=clip, dino=dino, ibot=ibot, koleo=koleo)
         return {**terms, **diagnostics}, recon
 
-    def ssl_losses(self, batch, teacher_probs):
+    def ssl_losses(self, batch, teacher_probs, generator=None):
         """Student on the global crops (iBOT-masked) and the local crops; DINO, iBOT and KoLeo against the teacher.
         Returns (dino, ibot, koleo, entropies): the entropies of targets and predictions are the collapse monitor."""
         lc, v = self.cfg.loss, self.vtp
@@ -127,7 +129,8 @@ class Student(nn.Module):
         if batch["local_crops"].numel():
             crops.append(batch["local_crops"])
             masks.append(None)
-        feats = v.trunk.forward_features(crops, masks=masks, drop_path_rate=self.cfg.encoder.drop_path_ssl)
+        feats = v.trunk.forward_features(crops, masks=masks, drop_path_rate=self.cfg.encoder.drop_path_ssl,
+                                         generator=generator)
         g_cls, g_patches = v.semantic_tokens(feats[0])  # (2B, D), (2B, N, D)
         n_global = g_cls.shape[0]
         # one head call for the global [CLS], the masked patch tokens and the local [CLS]
@@ -307,12 +310,12 @@ def fixed_preview_images(cfg: Config, n=8):
 # Stage 1
 
 
-def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler):
-    """One micro-step: teacher targets (no grad), the student's losses, and the (scaled) backward of
-    total / accum_steps. Returns the loss terms."""
+def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler, generator=None):
+    """One micro-step: teacher targets (no grad), the student's losses (stochastic depth drawn from `generator`),
+    and the (scaled) backward of total / accum_steps. Returns the loss terms."""
     with autocast():
         probs = teacher(batch["global_crops"], batch["mask_indices"], temp) if cfg.loss.lambda_ssl > 0 else None
-        terms, _ = fwd(batch, probs)
+        terms, _ = fwd(batch, probs, generator)
     loss = terms["total"] / cfg.train.accum_steps
     (scaler.scale(loss) if scaler else loss).backward()
     return terms
@@ -388,7 +391,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
                      "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "step": step, "stage": 1,
                      "config": cfg.to_dict(), "tokenizer": tokenizer.state_dict(), "data": loader.state_dict(),
-                     "rng": {"torch": torch.get_rng_state()}}  # for the record: each step reseeds from the step
+                     "rng": {"seed": tc.seed, "rule": "stochastic depth from generators seeded by (seed, rank, step)"}}
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
 
     if rank == 0:
@@ -403,9 +406,9 @@ def train_stage1(cfg: Config, rank, world_size, device):
     log_k = {"log_k": math.log(cfg.head.num_prototypes)} if cfg.loss.lambda_ssl > 0 else {}
     terms = None
     while step < tc.max_steps:
-        # Stochastic depth draws from the global generator: seed it from (seed, rank, step) so a resumed run
-        # draws exactly what an uninterrupted one would. The data stream is a function of its position.
-        torch.manual_seed(tc.seed + 1_000_003 * rank + step)
+        # Stochastic depth draws from a generator seeded by (seed, rank, step), so a resumed run draws exactly what
+        # an uninterrupted one would. The data stream is a function of its position.
+        gen = step_generator(tc.seed, rank, step, device)
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -415,7 +418,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
                 torch._dynamo.mark_dynamic(batch["mask_indices"], 0)  # compile one graph for any count
             sync = micro == tc.accum_steps - 1 or world_size == 1  # all-reduce gradients on the last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
-                terms = forward_backward(fwd, teacher_fwd, batch, temp, cfg, autocast, scaler)
+                terms = forward_backward(fwd, teacher_fwd, batch, temp, cfg, autocast, scaler, gen)
             tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
         grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg),
                                    freeze_last_layer=step < cfg.head.freeze_last_layer_steps)
@@ -561,8 +564,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
     tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
     terms = recon = None
+    # nothing in a stage-2 step draws random numbers: encoder in eval mode, no stochastic depth in the decoder
     while step < tc.max_steps:
-        torch.manual_seed(tc.seed + 1_000_003 * rank + step)
         x = next(loader)["images"].to(device, non_blocking=True)  # (B, 3, H, W)
         terms, recon = stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg, autocast,
                                    world_size)

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from data import build_dataset, build_eval_loader, denormalize
 from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, cleanup_distributed,
                    config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0, run_cli,
-                   save_checkpoint, setup_distributed, swiglu_hidden)
+                   save_checkpoint, setup_distributed, step_generator, swiglu_hidden)
 
 ALIASES = {"tokenizer": "dit.tokenizer"}
 
@@ -555,11 +555,6 @@ def amp_dtype(amp, device):
 def autocast(device, dtype):
     """One autocast context for the forward passes (nullcontext in fp32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def step_generator(seed, rank, step, device, stream=0):
-    """A generator on `device` seeded by (seed, rank, step, stream): the step number is the whole RNG state."""
-    return torch.Generator(device=device).manual_seed((seed << 40) + (rank << 25) + (stream << 24) + step)
 
 
 def train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, grad_clip, ema_decay):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from model import (PRESETS, VTP, Attention, Config, ConfigError, DINOHead, RopeEmbedding, TextAttention,
-                   apply_rope, ema_update, load_official_vtp, load_safetensors, load_vtp, parameter_counts,
+                   apply_rope, drop_path, ema_update, load_official_vtp, load_safetensors, load_vtp, parameter_counts,
                    parse_config, save_checkpoint, save_safetensors)
 
 
@@ -216,6 +216,25 @@ def test_drop_path_is_sample_level_and_only_in_training():
     trunk.train()
     c = trunk.forward_features(x, drop_path_rate=0.5)["cls"]
     assert not torch.allclose(c, b)
+
+
+def test_drop_path_draws_only_from_the_given_generator():
+    x = torch.ones(64, 3, 5)
+    state = torch.get_rng_state()
+    a = drop_path(x, 0.5, True, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state), "the global generator is not touched"
+    assert torch.equal(a, drop_path(x, 0.5, True, torch.Generator().manual_seed(1)))  # same seed, same samples
+    assert not torch.equal(a, drop_path(x, 0.5, True, torch.Generator().manual_seed(2)))
+    per_sample = a[:, 0, 0]
+    assert torch.equal(a, per_sample[:, None, None].expand_as(a))  # whole samples dropped or kept
+    assert set(per_sample.tolist()) == {0.0, 2.0}  # kept samples rescaled by 1/(1-p)
+    # a trunk's forward passes its generator to every block: the same seed gives the same features
+    torch.manual_seed(0)
+    trunk = VTP(small_cfg()).trunk.train()
+    imgs = torch.randn(8, 3, 32, 32)
+    f = [trunk.forward_features(imgs, drop_path_rate=0.5, generator=torch.Generator().manual_seed(s))["cls"]
+         for s in (3, 3, 4)]
+    assert torch.equal(f[0], f[1]) and not torch.equal(f[0], f[2])
 
 
 def test_decoder_1x1_convs_run_as_linears_with_gradients_in_the_parameter_layout():
