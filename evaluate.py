@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import scipy.linalg
@@ -46,8 +45,8 @@ from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
 from losses import LPIPS
-from model import (Config, ConfigError, cleanup_distributed, latest_checkpoint, load_vtp, parse_config, print0,
-                   run_cli, save_checkpoint, set_config_value, setup_distributed, validate_config)
+from model import (Config, ConfigError, amp_setup, cleanup_distributed, latest_checkpoint, load_vtp, parse_config,
+                   print0, run_cli, save_checkpoint, set_config_value, setup_distributed, validate_config)
 from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
@@ -561,12 +560,9 @@ def probe_features(model, images, kind="cls_patch", n_blocks=1):
 
 
 def _amp(cfg, device):
-    """Autocast for the tokenizer forwards: train.amp, where "auto" is bf16 on CUDA and fp32 on CPU."""
-    amp = cfg.train.amp
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if amp == "auto" and device.type == "cuda":
-        dtype = torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    """An autocast region for the tokenizer forwards: train.amp on CUDA ("auto" = bf16), fp32 on a CPU (as DiT
+    sampling)."""
+    return amp_setup(cfg.train.amp if device.type == "cuda" else "fp32", device)[0]()
 
 
 # -----------------------------------------------------------------------------

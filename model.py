@@ -13,6 +13,7 @@ bottleneck at stride 16, and a ViT pixel decoder. This file holds:
   4. `load_official_vtp` (with a from-scratch safetensors reader) and `load_vtp` for our own checkpoints.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -489,6 +490,21 @@ def setup_distributed(device="auto"):
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return rank, world_size, local_rank, dev
+
+
+def amp_setup(amp, device, key="train.amp"):
+    """
+    The mixed precision of every stage (Method §6): amp ("auto" | "bf16" | "fp16" | "fp32", the config value of
+    `key`) -> (autocast, scaler). `autocast()` opens one autocast region (a no-op in fp32); "auto" is bf16 on CUDA and
+    fp32 on CPU. fp16 needs CUDA and comes with a GradScaler; otherwise scaler is None.
+    """
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"invalid config value {key}='fp16': fp16 needs CUDA (use bf16 or fp32 on CPU)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    return autocast, torch.amp.GradScaler("cuda") if amp == "fp16" else None
 
 
 def step_generator(seed, rank, step, device, stream=0):

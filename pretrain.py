@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 import losses
-from model import (VTP, Config, DINOHead, adamw, cleanup_distributed, config_summary, ema_update, export_official,
+from model import (VTP, Config, DINOHead, adamw, amp_setup, cleanup_distributed, config_summary, ema_update, export_official,
                    latest_checkpoint, official_config, parse_config, print0, run_cli, save_checkpoint,
                    setup_distributed, step_generator)
 
@@ -203,19 +203,6 @@ def param_groups(module, weight_decay):
 # Compute setup, logging, previews
 
 
-def amp_setup(cfg: Config, device):
-    """(autocast context factory, GradScaler or None). bf16 on CUDA by default, fp32 on CPU; fp16 uses a scaler."""
-    amp = cfg.train.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "fp32"
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    return ctx, scaler
-
-
 def save_preview(path, images, recon):
     """A PNG with the inputs (top row) above their reconstructions (bottom row)."""
     rows = [data.denormalize(x.float().cpu()).clamp(0, 1) for x in (images, recon)]
@@ -368,7 +355,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
     lr_peak = peak_lr(cfg, world_size)
     optimizer = adamw(param_groups(student, cfg.optim.weight_decay), device, lr=lr_peak,
                       betas=cfg.optim.betas, eps=cfg.optim.eps)
-    autocast, scaler = amp_setup(cfg, device)
+    autocast, scaler = amp_setup(cfg.train.amp, device)
     step = 0
     if ckpt:
         student.vtp.load_state_dict(ckpt["model"])
@@ -543,7 +530,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
                   weight_decay=0.0)
     opt_d = adamw(disc.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                   weight_decay=0.0)
-    autocast, scaler = amp_setup(cfg, device)
+    autocast, scaler = amp_setup(cfg.train.amp, device)
     step = 0
     if resume_path:
         disc.load_state_dict(ckpt["discriminator"])

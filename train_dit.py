@@ -50,9 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
-from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, cleanup_distributed,
-                   config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0, run_cli,
-                   save_checkpoint, setup_distributed, step_generator, swiglu_hidden)
+from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, amp_setup,
+                   cleanup_distributed, config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0,
+                   run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden)
 
 ALIASES = {"tokenizer": "dit.tokenizer"}
 
@@ -397,7 +397,7 @@ def build_latent_cache(cfg, vtp, tok_cfg, signature, cache_dir, rank, world_size
         images = batch["images"].to(device)
         if tuple(images.shape[1:]) != (3, S, S):
             raise ValueError(f"data gives images {tuple(images.shape[1:])} but the tokenizer expects (3, {S}, {S})")
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp():
             z = torch.stack([vtp.encode(images), vtp.encode(images.flip(-1))], dim=1).float()  # (b, 2, C, h, w)
         if tuple(z.shape[2:]) != want:
             raise ValueError(f"tokenizer gave latents {tuple(z.shape[2:])}, its config says {want}")
@@ -543,24 +543,10 @@ def check_dit_config(cfg):
     return cfg
 
 
-def amp_dtype(amp, device):
-    """The autocast dtype: bf16 on CUDA for "auto", none (fp32) on CPU for "auto"; None means fp32."""
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("invalid config value dit.amp='fp16': fp16 needs CUDA (use bf16 or fp32 on CPU)")
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
-
-
-def autocast(device, dtype):
-    """One autocast context for the forward passes (nullcontext in fp32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, grad_clip, ema_decay):
     """One optimizer step: forward under autocast, backward (scaled for fp16), clip, AdamW, EMA update.
     Returns the loss dict and the gradient norm (device tensors: nothing here waits for the accelerator)."""
-    with amp:
+    with amp():
         losses = fm.training_losses(model, x, y, generator=gen)
     if scaler is not None:
         scaler.scale(losses["loss"]).backward()
@@ -581,7 +567,7 @@ def train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, grad_clip, ema_
 @torch.no_grad()
 def decode_latents(vtp, z, mean, std, amp=None):
     """Normalized latents (B, C, h, w) -> uint8 images (B, H, W, 3): un-normalize, decode, ImageNet-denormalize."""
-    with amp or nullcontext():
+    with (amp or nullcontext)():
         images = vtp.decode(denormalize_latents(z.float(), mean, std))
     images = denormalize(images.float()).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -599,7 +585,7 @@ def save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp):
     y = classes.repeat_interleave(d.grid_per_class).to(device)  # (rows * cols,)
     g = torch.Generator().manual_seed(d.seed)
     noise = torch.randn(len(y), ema.in_channels, ema.input_size, ema.input_size, generator=g).to(device)
-    with amp:
+    with amp():
         z = fm.sample(ema, noise, y, d.num_sample_steps, d.sampler, d.time_shift, d.grid_cfg_scale, d.cfg_interval)
     images = decode_latents(vtp, z, mean, std, amp)  # (rows * cols, H, W, 3)
     H, W = images.shape[1:3]
@@ -695,8 +681,7 @@ def main(argv=None):
     lr = d.lr or DiT_models[d.model]["lr"]
     # 2. compute setup
     rank, world_size, local_rank, device = setup_distributed(d.device)
-    amp = autocast(device, amp_dtype(d.amp, device))
-    scaler = torch.amp.GradScaler("cuda") if d.amp == "fp16" else None
+    amp, scaler = amp_setup(d.amp, device, "dit.amp")  # amp() opens an autocast region
     print0(config_summary(cfg, "the checkpoints"))
     os.makedirs(d.out_dir, exist_ok=True)
     # 3. tokenizer, resume checkpoint, latent cache
@@ -832,7 +817,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
     ema, ckpt = load_dit(ckpt_path, device)
     d = Config.from_dict(ckpt["config"]).dit
     vtp = tokenizer_path_of(ckpt, device)[1]
-    amp = autocast(device, amp_dtype(d.amp if device.type == "cuda" else "fp32", device))
+    amp, _ = amp_setup(d.amp if device.type == "cuda" else "fp32", device, "dit.amp")
     fm = FlowMatching(ema.num_classes)
     mean, std = (ckpt["latent_stats"][k].to(device) for k in ("mean", "std"))
     steps = num_steps or d.num_sample_steps
@@ -846,7 +831,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
         idx = indices[start: start + batch_size]
         noise = torch.stack([image_noise(seed, i, shape) for i in idx]).to(device)  # (b, C, h, w)
         y = torch.as_tensor(idx % ema.num_classes).to(device)
-        with amp:
+        with amp():
             z = fm.sample(ema, noise, y, steps, sampler or d.sampler, d.time_shift, scale, interval)
         out[start: start + len(idx)] = decode_latents(vtp, z, mean, std, amp)
     return out, indices

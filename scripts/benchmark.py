@@ -43,9 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
-from model import VTP, adamw, parse_config, run_cli, swiglu_hidden  # noqa: E402
-from pretrain import (Student, Teacher, amp_setup, forward_backward, optimizer_step, param_groups,  # noqa: E402
-                      stage2_step)
+from model import VTP, adamw, amp_setup, parse_config, run_cli, swiglu_hidden  # noqa: E402
+from pretrain import Student, Teacher, forward_backward, optimizer_step, param_groups, stage2_step  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Stage-1 FLOPs, part by part: 2 FLOPs per multiply-add of every matmul (attention scores and values included).
@@ -161,7 +160,7 @@ def build_stage1(cfg, args, device):
     opt = adamw(param_groups(student, 0.05), device, lr=1e-4, betas=cfg.optim.betas, eps=cfg.optim.eps)
     fwd = torch.compile(student) if args.compile else student
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
-    autocast, scaler = amp_setup(cfg, device)
+    autocast, scaler = amp_setup(cfg.train.amp, device)
     batch = synthetic_batch(cfg, device, torch.Generator().manual_seed(0))
     loader = data.build_pretrain_loader(cfg, data.build_tokenizer(cfg)) if args.real_data else None
     waits = []  # --real_data: seconds the step waited for its batch
@@ -191,7 +190,7 @@ def build_stage2(cfg, args, device):
         random_lpips(rec_loss, device)
     opt_g = adamw(decoder.parameters(), device, lr=1e-4, weight_decay=0.0)
     opt_d = adamw(disc.parameters(), device, lr=1e-4, weight_decay=0.0)
-    autocast, scaler = amp_setup(cfg, device)
+    autocast, scaler = amp_setup(cfg.train.amp, device)
     dec = torch.compile(decoder) if args.compile else decoder
     B, S = args.batch or cfg.data.batch_size, cfg.encoder.image_size
     x = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(0)).to(device)
@@ -215,8 +214,7 @@ def build_dit(cfg, args, device):
     ema = copy.deepcopy(dit).requires_grad_(False)
     fm = train_dit.FlowMatching(1000)
     opt = adamw(dit.parameters(), device, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    amp = train_dit.amp_dtype(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" else None
+    amp, scaler = amp_setup(cfg.train.amp, device)
     model = torch.compile(dit) if args.compile else dit
     B = args.batch or 32
     g = torch.Generator().manual_seed(0)
@@ -225,7 +223,7 @@ def build_dit(cfg, args, device):
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
-        train_dit.train_step(model, dit, ema, fm, opt, scaler, x, y, gen, train_dit.autocast(device, amp), 1.0, 0.9999)
+        train_dit.train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, 1.0, 0.9999)
 
     parts = {"DiT forward + backward (3x forward)": 3 * B * dit_forward_flops(dit, x, y)}
     return step, B, parts, dit
@@ -244,7 +242,7 @@ def build_sample(cfg, args, device):
     model = torch.compile(dit) if args.compile else dit
     vtp = VTP(cfg).to(device).eval()
     fm = train_dit.FlowMatching(1000)
-    amp = train_dit.autocast(device, train_dit.amp_dtype(cfg.train.amp, device))
+    amp, _ = amp_setup(cfg.train.amp, device)
     B = args.batch or 16
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(B, cfg.encoder.latent_dim, grid, grid, generator=g).to(device)
@@ -253,7 +251,7 @@ def build_sample(cfg, args, device):
 
     @torch.no_grad()
     def step():
-        with amp:
+        with amp():
             z = fm.sample(model, noise, y, num_steps=args.sample_steps)
         train_dit.decode_latents(vtp, z, mean, std, amp)  # uint8 on the host: waits for the GPU
 

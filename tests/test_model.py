@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from model import (PRESETS, VTP, Attention, Config, ConfigError, DINOHead, RopeEmbedding, TextAttention,
-                   apply_rope, drop_path, ema_update, load_official_vtp, load_safetensors, load_vtp, parameter_counts,
-                   parse_config, save_checkpoint, save_safetensors)
+                   amp_setup, apply_rope, drop_path, ema_update, load_official_vtp, load_safetensors, load_vtp,
+                   parameter_counts, parse_config, save_checkpoint, save_safetensors)
 
 
 def small_cfg(**enc):
@@ -255,6 +255,20 @@ def test_decoder_1x1_convs_run_as_linears_with_gradients_in_the_parameter_layout
     x.square().mean().backward()
     for w in (dec.proj_in.weight, dec.proj_out.weight):
         assert w.grad.shape == w.shape and w.shape[2:] == (1, 1) and w.grad.stride() == w.stride()
+
+
+def test_amp_setup_is_the_one_mixed_precision_switch():
+    cpu = torch.device("cpu")
+    autocast, scaler = amp_setup("auto", cpu)  # fp32 on a CPU
+    with autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    assert scaler is None
+    autocast, scaler = amp_setup("bf16", cpu)
+    with autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert scaler is None
+    with pytest.raises(ConfigError, match="dit.amp='fp16': fp16 needs CUDA"):
+        amp_setup("fp16", cpu, "dit.amp")
 
 
 def test_dino_head_prototypes_have_unit_norm():
