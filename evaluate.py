@@ -45,8 +45,9 @@ from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
 from losses import LPIPS
-from model import (Config, ConfigError, amp_setup, cleanup_distributed, latest_checkpoint, load_vtp, parse_config,
-                   print0, run_cli, save_checkpoint, set_config_value, setup_distributed, validate_config)
+from model import (Config, ConfigError, amp_setup, cleanup_distributed, gather_cat, latest_checkpoint, load_vtp,
+                   parse_config, print0, run_cli, save_checkpoint, set_config_value, setup_distributed,
+                   validate_config)
 from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
@@ -80,31 +81,6 @@ CLIP_TEMPLATES = [
 # ("a small red circle in the centre"); the label is that shape.
 SIMPLE_TEMPLATES = ["a {}", "a {}.", "there is a {}", "a picture of a {}", "a {} shape.", "a drawing of a {}.",
                     "a small {}", "a large {}", "a {} in the centre"]
-
-
-# -----------------------------------------------------------------------------
-# Distributed helper: every collective of this file goes through it, a no-op in a single process.
-
-
-def gather_cat(x):
-    """
-    Concatenate a (n_r, ...) tensor of every rank along dim 0, in rank order (n_r may differ between ranks).
-    Returns `x` unchanged in a single process. Rows of several tensors gathered in the same order stay aligned.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    world = dist.get_world_size()
-    # Collectives on a CUDA tensor need nccl; gloo wants CPU tensors. Use the backend's device.
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    n = torch.tensor([x.shape[0]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    pad = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=dev)  # (n_max, ...)
-    pad[: x.shape[0]] = x.to(dev)
-    parts = [torch.empty_like(pad) for _ in range(world)]
-    dist.all_gather(parts, pad)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
 
 
 # -----------------------------------------------------------------------------

@@ -35,28 +35,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import print0
+from model import all_reduce_max, all_reduce_sum, print0
 
 # -----------------------------------------------------------------------------
-# Collectives: the only place that talks to torch.distributed. All are no-ops without a process group.
-
-
-def _dist_active():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(t):
-    """In-place sum of `t` over all processes (any shape); returns `t`. No-op when world size is 1."""
-    if _dist_active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t):
-    """In-place max of `t` over all processes (any shape); returns `t`. No-op when world size is 1."""
-    if _dist_active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+# CLIP's gather with gradient (Method §5); the plain collectives (all_reduce_sum, ...) are in model.py.
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -467,7 +467,8 @@ def config_summary(cfg, where="config.json"):
 
 
 # -----------------------------------------------------------------------------
-# Shared utilities: distributed setup, rank-0 printing, atomic checkpoints.
+# The runtime layer of every stage: distributed setup and the collectives (no-ops in one process), mixed precision,
+# per-step generators, rank-0 printing, atomic checkpoints.
 
 
 def setup_distributed(device="auto"):
@@ -518,6 +519,51 @@ def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t):
+    """In-place sum of `t` over all processes (any shape); returns `t`. No-op in one process."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t):
+    """In-place max of `t` over all processes (any shape); returns `t`. No-op in one process."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier():
+    """Wait for every process; a no-op in one process."""
+    if _distributed():
+        dist.barrier()
+
+
+def gather_cat(x):
+    """
+    Concatenate a (n_r, ...) tensor of every rank along dim 0, in rank order (n_r may differ between ranks).
+    Returns `x` unchanged in one process. Rows of several tensors gathered in the same order stay aligned.
+    """
+    if not _distributed():
+        return x
+    world = dist.get_world_size()
+    # Collectives on a CUDA tensor need nccl; gloo wants CPU tensors. Use the backend's device.
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([x.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    pad = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=dev)  # (n_max, ...)
+    pad[: x.shape[0]] = x.to(dev)
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
 
 
 def run_cli(main):

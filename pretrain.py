@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 import data
 import losses
-from model import (VTP, Config, DINOHead, adamw, amp_setup, cleanup_distributed, config_summary, ema_update, export_official,
-                   latest_checkpoint, official_config, parse_config, print0, run_cli, save_checkpoint,
-                   setup_distributed, step_generator)
+from model import (VTP, Config, DINOHead, adamw, all_reduce_sum, amp_setup, cleanup_distributed, config_summary,
+                   ema_update, export_official, latest_checkpoint, official_config, parse_config, print0, run_cli,
+                   save_checkpoint, setup_distributed, step_generator)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (Method §5-6)
@@ -239,7 +239,7 @@ class Tracker:
     def flush(self):
         keys = list(self.sums)
         stats = torch.stack([self.sums[k] for k in keys] + [self.first_bad[k] for k in keys])
-        stats = losses.all_reduce_sum(stats).tolist() if self.world_size > 1 else stats.tolist()
+        stats = all_reduce_sum(stats).tolist()
         sums, first_bad = stats[:len(keys)], stats[len(keys):]
         for k, s, bad in zip(keys, sums, first_bad):
             if bad > -self.world_size or not math.isfinite(s):  # -1 on every rank = never bad
@@ -491,7 +491,7 @@ def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Co
             d_loss = losses.hinge_d_loss(disc(x), disc(recon.detach()))
         (scaler.scale(d_loss) if scaler else d_loss).backward()
         for p in disc.parameters():  # average over processes: the discriminator is not DDP-wrapped
-            p.grad = losses.all_reduce_sum(p.grad) / world_size
+            p.grad = all_reduce_sum(p.grad) / world_size
         if scaler:
             scaler.step(opt_d)
         else:

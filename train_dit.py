@@ -50,9 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
-from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, amp_setup,
-                   cleanup_distributed, config_summary, ema_update, latest_checkpoint, load_vtp, parse_config, print0,
-                   run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden)
+from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, all_reduce_sum, amp_setup,
+                   barrier, cleanup_distributed, config_summary, ema_update, latest_checkpoint, load_vtp, parse_config,
+                   print0, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden)
 
 ALIASES = {"tokenizer": "dit.tokenizer"}
 
@@ -369,12 +369,6 @@ def cache_signature(cfg, tok_cfg, fingerprint):
             "num_cache_images": cfg.dit.num_cache_images}
 
 
-def barrier():
-    """dist.barrier() under torchrun, a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def build_latent_cache(cfg, vtp, tok_cfg, signature, cache_dir, rank, world_size, device, amp):
     """
     Encode this rank's share of the training images and their horizontal flips into
@@ -609,8 +603,7 @@ NO_BAD_STEP = 2 ** 62  # sentinel of `bad_step`: no non-finite loss seen
 
 def log_metrics(step, max_steps, acc, n, elapsed, global_batch, lr, world_size, out_dir, pbar):
     """Average the window's metrics over steps and ranks, print one line, append it to metrics.jsonl."""
-    if world_size > 1:
-        dist.all_reduce(acc)
+    all_reduce_sum(acc)
     loss, mse, cos, gnorm = (acc / (n * world_size)).tolist()
     row = {"step": step, "loss": loss, "mse": mse, "cos": cos, "lr": lr, "grad_norm": gnorm,
            "ms_per_step": 1000 * elapsed / n, "img_per_s": global_batch * n / elapsed}
