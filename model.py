@@ -566,6 +566,72 @@ def gather_cat(x):
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
 
 
+# --- logs: one line per log step and metrics.jsonl, loss terms summed on the device in between ---
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+class Tracker:
+    """
+    Sums loss terms on the device between log steps (no host sync per step) and remembers, per term, the first
+    step at which it was not finite. `flush()` averages over processes (one all-reduce), syncs once, raises
+    NonFiniteLoss naming the term and step, and returns the mean of each term since the last flush.
+    """
+
+    def __init__(self, world_size=1):
+        self.world_size, self.sums, self.counts, self.first_bad = world_size, {}, {}, {}
+
+    def add(self, terms, step):
+        for k, v in terms.items():
+            v = v.detach().float()
+            if k not in self.sums:
+                self.sums[k], self.counts[k], self.first_bad[k] = torch.zeros_like(v), 0, torch.full_like(v, -1)
+            bad = ~torch.isfinite(v) & (self.first_bad[k] < 0)
+            self.first_bad[k] = torch.where(bad, torch.full_like(v, step), self.first_bad[k])
+            self.sums[k] += v
+            self.counts[k] += 1
+
+    def flush(self):
+        keys = list(self.sums)
+        stats = torch.stack([self.sums[k] for k in keys] + [self.first_bad[k] for k in keys])
+        stats = all_reduce_sum(stats).tolist()
+        sums, first_bad = stats[:len(keys)], stats[len(keys):]
+        for k, s, bad in zip(keys, sums, first_bad):
+            if bad > -self.world_size or not math.isfinite(s):  # -1 on every rank = never bad
+                step = int(self.first_bad[k].item()) if self.first_bad[k].item() >= 0 else "an earlier step"
+                raise NonFiniteLoss(f"loss term '{k}' became {self.sums[k].item()} at step {step}; "
+                                    "stopping without overwriting the last good checkpoint")
+        means = {k: s / max(1, self.counts[k]) / self.world_size for k, s in zip(keys, sums)}
+        self.sums = {k: torch.zeros_like(s) for k, s in self.sums.items()}
+        self.counts = {k: 0 for k in self.counts}
+        return means
+
+
+def trim_metrics(out_dir, last_step):
+    """Keep only metrics.jsonl rows up to `last_step` (0 for a fresh run): rows logged after the checkpoint a run
+    resumes from, or by an earlier run in the same folder, would otherwise be mixed into this run's curve."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def log_step(out_dir, row, bar):
+    """One fixed-format log line and the same numbers appended to metrics.jsonl (rank 0 only)."""
+    terms = " | ".join(f"{k} {v:.4f}" for k, v in row.items()
+                       if k not in ("step", "total_steps", "lr", "grad_norm", "ms_per_step", "img_per_s"))
+    line = (f"step {row['step']}/{row['total_steps']} | {terms} | lr {row['lr']:.2e} | "
+            f"grad_norm {row['grad_norm']:.3f} | {row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.1f} img/s")
+    (bar.write if bar is not None else print)(line)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def run_cli(main):
     """Run a script's main(); a config or data problem (ConfigError, a missing file) ends it with one line that
     names the flag, and exit code 2, instead of a traceback."""

@@ -12,7 +12,7 @@ import torch
 
 import losses
 import pretrain
-from model import Config, ConfigError, load_vtp
+from model import Config, ConfigError, NonFiniteLoss, Tracker, load_vtp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_schedules_are_pure_functions_of_the_step():
 
 
 def test_tracker_means_and_first_bad_step():
-    tr = pretrain.Tracker()
+    tr = Tracker()
     for step, (a, g) in enumerate([(1.0, 10.0), (3.0, 20.0)], start=1):
         tr.add({"clip": torch.tensor(a), "total": torch.tensor(2 * a)}, step)  # two micro-steps per step
         tr.add({"clip": torch.tensor(a), "total": torch.tensor(2 * a)}, step)
@@ -66,7 +66,7 @@ def test_tracker_means_and_first_bad_step():
     tr.add({"clip": torch.tensor(5.0)}, 3)
     tr.add({"clip": torch.tensor(float("inf"))}, 4)
     tr.add({"clip": torch.tensor(float("nan"))}, 5)
-    with pytest.raises(pretrain.NonFiniteLoss, match="'clip' became nan at step 4"):
+    with pytest.raises(NonFiniteLoss, match="'clip' became nan at step 4"):
         tr.flush()
 
 
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_without_overwriting_checkpoint(tmp_path, monkeypa
         return out * float("nan") if calls["n"] >= 3 else out
 
     monkeypatch.setattr(losses, "clip_loss", flaky)
-    with pytest.raises(pretrain.NonFiniteLoss, match="'clip' became nan at step 3"):
+    with pytest.raises(NonFiniteLoss, match="'clip' became nan at step 3"):
         run(tmp_path, "--train.max_steps=4", "--train.ckpt_every=1")
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
 
