@@ -42,7 +42,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from einops import rearrange
 from PIL import Image
@@ -50,9 +49,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
-from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, adamw, all_reduce_sum, amp_setup,
-                   barrier, cleanup_distributed, config_summary, ema_update, latest_checkpoint, load_vtp, parse_config,
-                   print0, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden)
+from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw, amp_setup, barrier,
+                   cleanup_distributed, config_summary, ema_update, latest_checkpoint, load_vtp, log_step, parse_config,
+                   print0, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden, trim_metrics)
 
 ALIASES = {"tokenizer": "dit.tokenizer"}
 
@@ -588,32 +587,6 @@ def save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp):
     Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path)
 
 
-def check_finite(bad_step, world_size, last_ckpt):
-    """Stop the run when any rank saw a non-finite loss; bad_step holds the first such step (or a sentinel)."""
-    if world_size > 1:
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-    first = int(bad_step)
-    if first < NO_BAD_STEP:
-        raise FloatingPointError(f"non-finite loss at step {first}; stopping without saving. Last good checkpoint: "
-                                 f"{last_ckpt or 'none'}")
-
-
-NO_BAD_STEP = 2 ** 62  # sentinel of `bad_step`: no non-finite loss seen
-
-
-def log_metrics(step, max_steps, acc, n, elapsed, global_batch, lr, world_size, out_dir, pbar):
-    """Average the window's metrics over steps and ranks, print one line, append it to metrics.jsonl."""
-    all_reduce_sum(acc)
-    loss, mse, cos, gnorm = (acc / (n * world_size)).tolist()
-    row = {"step": step, "loss": loss, "mse": mse, "cos": cos, "lr": lr, "grad_norm": gnorm,
-           "ms_per_step": 1000 * elapsed / n, "img_per_s": global_batch * n / elapsed}
-    if pbar is not None:
-        pbar.write(f"step {step}/{max_steps} | loss {loss:.4f} | mse {mse:.4f} | cos {cos:.4f} | lr {lr:.2e} | "
-                   f"grad_norm {gnorm:.3f} | {row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.0f} img/s")
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def save_dit_checkpoint(d, step, state):
     """Atomic save of ckpt_{step:07d}.pt in out_dir, then keep only the newest `keep_ckpts` (0 = all)."""
     path = os.path.join(d.out_dir, f"ckpt_{step:07d}.pt")
@@ -652,16 +625,6 @@ def restore(ckpt, dit, ema, opt, scaler, world_size):
     return ckpt["step"]
 
 
-def trim_metrics(out_dir, step):
-    """Drop the metrics.jsonl rows of steps after `step` (logged by a killed run after its last checkpoint)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
-
-
 def main(argv=None):
     """Train a class-conditional DiT on the tokenizer's latents; see the module docstring for the CLI."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -698,8 +661,9 @@ def main(argv=None):
     # 5. optimizer (constant lr, no schedule) and resume
     opt = adamw(dit.parameters(), device, lr=lr, betas=d.betas, weight_decay=d.weight_decay)
     step = restore(ckpt, dit, ema, opt, scaler, world_size) if ckpt is not None else 0
-    if ckpt is not None and rank == 0:
+    if rank == 0:
         trim_metrics(d.out_dir, step)
+    if ckpt is not None:
         print0(f"resumed from {resume} at step {step}")
     model = DDP(dit, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else dit
     model = torch.compile(model) if d.compile else model
@@ -716,8 +680,7 @@ def main(argv=None):
 
     # 6. training loop
     pbar = tqdm(total=d.max_steps, initial=step, desc="DiT", disable=rank != 0, dynamic_ncols=True)
-    acc, n_acc = torch.zeros(4, device=device), 0
-    bad_step = torch.tensor(NO_BAD_STEP, device=device)
+    tracker, log_step0 = Tracker(world_size), step
     last_ckpt, t0, t_other = resume, time.time(), 0.0  # t_other: sampling/saving time, kept out of ms/step
     while step < d.max_steps:
         pos = sampler.indices(step)
@@ -728,25 +691,23 @@ def main(argv=None):
         losses, grad_norm = train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, d.grad_clip, ema_decay)
         step += 1
         pbar.update(1)
-        bad_step = torch.where(torch.isfinite(losses["loss"]), bad_step, torch.clamp(bad_step, max=step))
-        acc += torch.stack([losses["loss"], losses["mse"], losses["cos"], grad_norm.float()]).detach()
-        n_acc += 1
+        tracker.add({**losses, "grad_norm": grad_norm}, step)
         last = step == d.max_steps
-        if step % d.log_every == 0 or last:
-            check_finite(bad_step, world_size, last_ckpt)
-            log_metrics(step, d.max_steps, acc, n_acc, time.time() - t0 - t_other, d.batch_size * world_size,
-                        lr, world_size, d.out_dir, pbar if rank == 0 else None)
-            acc.zero_()
-            n_acc, t0, t_other = 0, time.time(), 0.0
+        if step % d.log_every == 0 or last or step % d.ckpt_every == 0:
+            means = tracker.flush()  # raises NonFiniteLoss before anything is saved
+            dt = (time.time() - t0 - t_other) / (step - log_step0)
+            if rank == 0:
+                row = {"step": step, "total_steps": d.max_steps, **means, "lr": lr, "ms_per_step": 1000 * dt,
+                       "img_per_s": d.batch_size * world_size / dt}
+                log_step(d.out_dir, row, pbar)
+            log_step0, t0, t_other = step, time.time(), 0.0
         t1 = time.time()
         if (step % d.sample_every == 0 or last) and rank == 0:
             path = os.path.join(d.out_dir, f"samples_{step:07d}.png")
             save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp)
             pbar.write(f"wrote {path}")
-        if step % d.ckpt_every == 0 or last:
-            check_finite(bad_step, world_size, last_ckpt)
-            if rank == 0:
-                last_ckpt = save_dit_checkpoint(d, step, state(step))
+        if (step % d.ckpt_every == 0 or last) and rank == 0:
+            last_ckpt = save_dit_checkpoint(d, step, state(step))
         t_other += time.time() - t1
     pbar.close()
     # 7. done: tear DDP down cleanly (barrier, drop the wrapper, then destroy the process group)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import Config, ConfigError, VTP, load_vtp, save_checkpoint
+from model import Config, ConfigError, NonFiniteLoss, VTP, load_vtp, save_checkpoint
 from train_dit import (DiT, DiT_models, FlowMatching, LatentCache, build_dit, denormalize_latents, latent_stats,
                        main, normalize_latents, patchify, prepare_latent_cache, sample_images, shift_time, time_grid,
                        tokenizer_fingerprint, unpatchify)
@@ -293,7 +293,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tokenizer, tm
         return losses
 
     monkeypatch.setattr(FlowMatching, "training_losses", poisoned)
-    with pytest.raises(FloatingPointError, match="step 3"):
+    with pytest.raises(NonFiniteLoss, match="'loss' became nan at step 3"):
         main(run_args(tokenizer, out, "--dit.max_steps=6", "--dit.ckpt_every=2", "--dit.log_every=10"))
     ckpts = sorted(n for n in os.listdir(out) if n.startswith("ckpt_"))
     assert ckpts == ["ckpt_0000002.pt"]
