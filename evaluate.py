@@ -45,9 +45,8 @@ from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
 from losses import LPIPS
-from model import (Config, ConfigError, amp_setup, cleanup_distributed, gather_cat, latest_checkpoint, load_vtp,
-                   parse_config, print0, run_cli, save_checkpoint, set_config_value, setup_distributed,
-                   validate_config)
+from model import (Config, ConfigError, amp_setup, cleanup_distributed, gather_cat, load_vtp, parse_config, print0,
+                   resolve_checkpoint, run_cli, save_checkpoint, set_config_value, setup_distributed, validate_config)
 from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
@@ -920,13 +919,6 @@ def save_pair_grid(path, top, bottom=None):
     return path
 
 
-def _resolve_ckpt(path):
-    """A checkpoint file, or the latest ckpt_*.pt of a folder; None when there is none."""
-    if path and os.path.isdir(path):
-        return latest_checkpoint(path)
-    return path if path and os.path.isfile(path) else None
-
-
 def _generated_images(E):
     """
     This rank's share of the generated images as uint8 (n, H, W, 3): a slice of eval.gen_npz (key arr_0, as
@@ -944,10 +936,8 @@ def _generated_images(E):
             raise ValueError(f"{e.gen_npz}: expected uint8 images (N, H, W, 3), got {arr.dtype} {arr.shape}")
         share = np.array_split(np.arange(len(arr)), E.world_size)[E.rank]
         return arr[share], labels[share] if labels is not None else None, None, e.gen_npz
-    path = _resolve_ckpt(e.dit_ckpt)
-    if path is None:
-        raise FileNotFoundError(f"--dit_ckpt={e.dit_ckpt!r}: no DiT checkpoint there (train one with train_dit.py, "
-                                "or pass --gen_npz=samples.npz)")
+    path = resolve_checkpoint(e.dit_ckpt, f"--dit_ckpt={e.dit_ckpt!r}: no DiT checkpoint there (train one with "
+                                          "train_dit.py, or pass --gen_npz=samples.npz)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     images, indices = sample_images(path, e.num_gen, seed=e.seed, batch_size=e.batch_size, device=E.device,
                                     num_steps=e.gen_steps or None, rank=E.rank, world_size=E.world_size,
@@ -1112,7 +1102,8 @@ def main(argv=None):
                "space ([CLS] ++ mean patch), NOT FID; compare them only with each other, never with published FIDs")
     results = {"command": command, "ckpt": cli.eval.ckpt, "fd_metric": fd_name}
     for name in (COMMANDS if command == "all" else [command]):
-        if name == "gen" and command == "all" and not cli.eval.gen_npz and _resolve_ckpt(cli.eval.dit_ckpt) is None:
+        no_dit = not cli.eval.gen_npz and resolve_checkpoint(cli.eval.dit_ckpt) is None
+        if name == "gen" and command == "all" and no_dit:
             why = f"no DiT checkpoint found at {cli.eval.dit_ckpt!r}" if cli.eval.dit_ckpt else "no --dit_ckpt given"
             print0(f"gen skipped: {why} (pass --dit_ckpt=runs/dit or --gen_npz=samples.npz)")
             results["gen"] = {"skipped": why}

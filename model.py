@@ -656,13 +656,21 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def latest_checkpoint(folder, prefix="ckpt_"):
-    """Path of `{prefix}{step}.pt` with the largest step in `folder`, or None."""
-    if not os.path.isdir(folder):
-        return None
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.pt$")
-    found = [(int(m.group(1)), n) for n in os.listdir(folder) if (m := pat.match(n))]
-    return os.path.join(folder, max(found)[1]) if found else None
+def resolve_checkpoint(path, missing=None):
+    """
+    The one checkpoint resolver of every stage: the file `path` names, or the `ckpt_{step}.pt` with the largest step
+    in the folder `path`. When there is none: None, or FileNotFoundError(missing) if `missing` (what to tell the
+    user) is given.
+    """
+    found = None
+    if path and os.path.isdir(path):
+        steps = [(int(m.group(1)), n) for n in os.listdir(path) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", n))]
+        found = os.path.join(path, max(steps)[1]) if steps else None
+    elif path and os.path.isfile(path):
+        found = path
+    if found is None and missing:
+        raise FileNotFoundError(missing)
+    return found
 
 
 def adamw(params, device, **kwargs):
@@ -1338,12 +1346,8 @@ def load_vtp(path, device="cpu"):
                 with open(tok) as f:
                     return model, model.cfg, {"tokenizer": json.load(f)}
             return model, model.cfg, {}
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no ckpt_*.pt and no model.safetensors in {path!r}: train one with pretrain.py")
-        path = found
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint {path!r} does not exist: train one with pretrain.py")
+    path = resolve_checkpoint(path, f"no tokenizer checkpoint (ckpt_*.pt, or a folder with model.safetensors) at "
+                                    f"{path!r}: train one with pretrain.py")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path!r} is not a VTP checkpoint (expected a dict with 'model' and 'config')")

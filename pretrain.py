@@ -31,8 +31,8 @@ from tqdm import tqdm
 import data
 import losses
 from model import (VTP, Config, DINOHead, Tracker, adamw, all_reduce_sum, amp_setup, cleanup_distributed,
-                   config_summary, ema_update, export_official, latest_checkpoint, log_step, official_config,
-                   parse_config, print0, run_cli, save_checkpoint, setup_distributed, step_generator, trim_metrics)
+                   config_summary, ema_update, export_official, log_step, official_config, parse_config, print0,
+                   resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, trim_metrics)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (Method §5-6)
@@ -279,7 +279,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
     # data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
-    ckpt_path = latest_checkpoint(out_dir) if tc.resume else None
+    ckpt_path = resolve_checkpoint(out_dir) if tc.resume else None
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
     if tc.resume and not ckpt:
         print0(f"--train.resume: no ckpt_*.pt in {out_dir}, starting from scratch")
@@ -385,10 +385,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
 def load_stage1(cfg: Config):
     """The stage-1 checkpoint stage 2 starts from: --train.init_from (file or folder), else the latest in out_dir."""
     src = cfg.train.init_from or cfg.train.out_dir
-    path = latest_checkpoint(src) if os.path.isdir(src) else src
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"stage 2 needs a stage-1 checkpoint: none found at {src!r} "
-                                "(run stage 1 first, or pass --train.init_from=PATH)")
+    path = resolve_checkpoint(src, f"stage 2 needs a stage-1 checkpoint: none found at {src!r} "
+                                   "(run stage 1 first, or pass --train.init_from=PATH)")
     return path, torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -443,7 +441,7 @@ def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Co
 def train_stage2(cfg: Config, rank, world_size, device):
     tc, lc = cfg.train, cfg.loss
     out_dir = os.path.join(tc.out_dir, "stage2")
-    resume_path = latest_checkpoint(out_dir) if tc.resume else None
+    resume_path = resolve_checkpoint(out_dir) if tc.resume else None
     src_path, ckpt = (resume_path, torch.load(resume_path, map_location="cpu", weights_only=True)) if resume_path \
         else load_stage1(cfg)
     # the network is the stage-1 one; training settings come from this command line

@@ -50,8 +50,9 @@ from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
 from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw, amp_setup, barrier,
-                   cleanup_distributed, config_summary, ema_update, latest_checkpoint, load_vtp, log_step, parse_config,
-                   print0, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden, trim_metrics)
+                   cleanup_distributed, config_summary, ema_update, load_vtp, log_step, parse_config, print0,
+                   resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden,
+                   trim_metrics)
 
 ALIASES = {"tokenizer": "dit.tokenizer"}
 
@@ -356,7 +357,7 @@ def load_tokenizer(path, device):
 def tokenizer_file(path):
     """The checkpoint file `--tokenizer` resolves to (a folder's latest ckpt_*.pt; a released folder as is)."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.safetensors")):
-        return os.path.abspath(latest_checkpoint(path) or path)
+        return os.path.abspath(resolve_checkpoint(path) or path)
     return os.path.abspath(path)
 
 
@@ -600,7 +601,7 @@ def save_dit_checkpoint(d, step, state):
 
 def find_resume_checkpoint(d, fingerprint):
     """The latest ckpt_*.pt of out_dir and its contents, or (None, None); refuses one trained on other latents."""
-    resume = latest_checkpoint(d.out_dir)
+    resume = resolve_checkpoint(d.out_dir)
     if resume is None:
         return None, None
     ckpt = torch.load(resume, map_location="cpu", weights_only=True)
@@ -723,14 +724,8 @@ def main(argv=None):
 
 def load_dit(path, device="cpu"):
     """A DiT checkpoint file, or a folder (its latest ckpt_*.pt) -> (EMA DiT in eval mode, checkpoint dict)."""
-    if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no ckpt_*.pt in {path!r}: train a DiT first "
+    path = resolve_checkpoint(path, f"no DiT checkpoint (ckpt_*.pt) at {path!r}: train a DiT first "
                                     "(python train_dit.py --tokenizer=...)")
-        path = found
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DiT checkpoint {path!r} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     dit = build_dit(**ckpt["dit_args"])
     dit.load_state_dict(ckpt["ema"])

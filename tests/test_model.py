@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from model import (PRESETS, VTP, Attention, Config, ConfigError, DINOHead, RopeEmbedding, TextAttention,
                    amp_setup, apply_rope, drop_path, ema_update, load_official_vtp, load_safetensors, load_vtp,
-                   parameter_counts, parse_config, save_checkpoint, save_safetensors)
+                   parameter_counts, parse_config, resolve_checkpoint, save_checkpoint, save_safetensors)
 
 
 def small_cfg(**enc):
@@ -269,6 +269,16 @@ def test_amp_setup_is_the_one_mixed_precision_switch():
     assert scaler is None
     with pytest.raises(ConfigError, match="dit.amp='fp16': fp16 needs CUDA"):
         amp_setup("fp16", cpu, "dit.amp")
+
+
+def test_resolve_checkpoint_file_or_latest_of_a_folder(tmp_path):
+    assert resolve_checkpoint(str(tmp_path)) is None and resolve_checkpoint("") is None
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        resolve_checkpoint(str(tmp_path / "nothing"), "train one first")
+    for name in ("ckpt_0000009.pt", "ckpt_0000010.pt", "ckpt_0000011.pt.tmp.7", "other_0000099.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_0000010.pt")
+    assert resolve_checkpoint(str(tmp_path / "ckpt_0000009.pt")) == str(tmp_path / "ckpt_0000009.pt")
 
 
 def test_dino_head_prototypes_have_unit_norm():
