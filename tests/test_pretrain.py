@@ -297,3 +297,19 @@ def test_two_process_runs_print_no_grad_stride_warning(tmp_path):
         res = torchrun(common + stage)
         assert res.returncode == 0 and "terminate called" not in res.stderr, res.stderr[-3000:]
         assert "grad strides" not in res.stderr.lower(), res.stderr[-3000:]
+
+
+def test_stage2_trains_with_its_grad_scaler_and_checkpoints_it(tmp_path, monkeypatch):
+    """fp16 (CUDA) gives stage 2 a GradScaler: both backward passes are scaled, and its state is saved and resumed.
+    Checked on a CPU with a CPU GradScaler in place of amp_setup's CUDA one."""
+    run(tmp_path, "--train.max_steps=1")
+    real = pretrain.amp_setup
+    monkeypatch.setattr(pretrain, "amp_setup", lambda amp, device: (real("fp32", device)[0],
+                                                                    torch.amp.GradScaler("cpu", init_scale=256.0)))
+    run(tmp_path, "--train.stage=2", "--train.max_steps=2", "--train.ckpt_every=1", "--loss.gan_start=1")
+    ckpt = torch.load(tmp_path / "stage2" / "ckpt_0000002.pt", weights_only=True)
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] == 256.0  # finite gradients: no back-off
+    assert all(math.isfinite(r["total"]) for r in metrics(tmp_path / "stage2"))
+    run(tmp_path, "--train.stage=2", "--train.max_steps=3", "--train.resume", "--loss.gan_start=1")
+    resumed = torch.load(tmp_path / "stage2" / "ckpt_0000003.pt", weights_only=True)
+    assert resumed["scaler"]["_growth_tracker"] == ckpt["scaler"]["_growth_tracker"] + 1  # continued, not reset
