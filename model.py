@@ -7,7 +7,9 @@ A ViT encoder trained with CLIP + self-supervised (DINOv2-style) + reconstructio
 bottleneck at stride 16, and a ViT pixel decoder. This file holds:
 
   1. the one dataclass config that every stage shares, its presets and the typed `--key=value` parser;
-  2. small shared utilities (distributed setup, atomic checkpoints);
+  2. the runtime layer every stage uses: distributed setup and collectives (no-ops in one process), mixed
+     precision (`amp_setup`), per-step generators, the log writer and non-finite check (`Tracker`, `log_step`),
+     atomic checkpoints and the one checkpoint resolver (`resolve_checkpoint`);
   3. the networks: encoder (`VisionTransformer`), `PixelDecoder`, `TextTransformer`, `DINOHead`, and the
      `VTP` module whose tensor names match the released checkpoints;
   4. `load_official_vtp` (with a from-scratch safetensors reader) and `load_vtp` for our own checkpoints.
