@@ -432,8 +432,10 @@ def test_cli_all_with_inception_weights(tiny_ckpt, tmp_path, inception_file, mon
     assert res["recon"]["rFID"] == 1.0 and "rFD_vtp" not in res["recon"]
     assert res["gen"]["gFID"] == 1.0 and res["gen"]["fd_space"] == "inception-2015-12-05"
     assert 1.0 <= res["gen"]["inception_score"] <= 1008
-    assert len(seen) == 2 and all(mu.shape == (2048,) and sigma.shape == (2048, 2048) for mu, sigma, *_ in seen)
-    mu_gen, sigma_gen, mu_ref, sigma_ref = seen[1]
+    inception = [stats for stats in seen if stats[0].shape == (2048,)]  # the others are the judge's (128-d)
+    assert len(inception) == 2 and all(sigma.shape == (2048, 2048) for _, sigma, *_ in inception)
+    assert len(seen) == 4 and res["recon"]["rFD_judge"] == res["gen"]["gFD_judge"] == 1.0
+    mu_gen, sigma_gen, mu_ref, sigma_ref = inception[1]
     np.testing.assert_allclose(mu_gen, mu_ref, rtol=1e-4, atol=1e-6)  # same images -> same Inception statistics
 
 
@@ -496,8 +498,8 @@ def test_retrieval_recall_hand_worked():
 
 
 def test_cli_retrieval_groups_captions_of_one_image(tiny_ckpt, tmp_path):
-    """A JSONL caption set with two captions per image: recall is over the 6 distinct images (not 12), so R@10
-    ranks every image and is 100% both ways even for an untrained model."""
+    """A JSONL caption set with two captions per image: text->image recall is over the 6 distinct images (not 12),
+    so R@10 ranks every image and is 100% even for an untrained model."""
     from PIL import Image
 
     images = _real_images(6)
@@ -512,7 +514,9 @@ def test_cli_retrieval_groups_captions_of_one_image(tiny_ckpt, tmp_path):
     res = ev.main(["retrieval"] + flags)["retrieval"]
     assert res["num_images"] == 6 and res["num_captions"] == 12
     assert all(0 <= res[f"{d}_R@{k}"] <= 100 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
-    assert res["image_to_text_R@10"] == res["text_to_image_R@10"] == 100.0  # 6 images: R@10 sees all of them
+    assert res["text_to_image_R@10"] == 100.0  # 6 images: R@10 sees all of them
+    # 12 captions: an image misses at R@10 only if both its captions rank 11th and 12th, which one image at most can
+    assert res["image_to_text_R@10"] >= 100 * 5 / 6 - 1e-4
 
 
 def test_cli_retrieval_on_builtin_captions(tiny_ckpt, tmp_path):
