@@ -1,0 +1,64 @@
+"""scripts/ablation.py: the study runs end to end in --quick mode, resumes without redoing work, counts FLOPs."""
+
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import ablation  # noqa: E402
+
+sys.path.pop(0)
+
+
+def test_tokenizer_flops_follow_the_objectives_and_steps():
+    ae = ablation.tokenizer_flops(ablation.VARIANTS["AE"], 10)
+    clip = ablation.tokenizer_flops(ablation.VARIANTS["CLIP+AE"], 10)
+    ssl = ablation.tokenizer_flops(ablation.VARIANTS["SSL+AE"], 10)
+    vtp = ablation.tokenizer_flops(ablation.VARIANTS["CLIP+SSL+AE"], 10)
+    assert 0 < ae < clip < vtp and ae < ssl < vtp
+    assert vtp - ae == pytest.approx((clip - ae) + (ssl - ae), rel=1e-9)  # the parts add up
+    assert ablation.tokenizer_flops([], 30) == pytest.approx(3 * vtp, rel=1e-9)
+
+
+def test_line_plot_draws_every_series(tmp_path):
+    path = ablation.line_plot(str(tmp_path / "p.png"), {"AE": [(1e9, 3.0), (1e10, 2.9)], "CLIP+SSL+AE": [(1e9, 2.0)]},
+                              "x", "y", "t", logx=True)
+    img = Image.open(path).convert("RGB")
+    assert img.size == (640, 420)
+    colors = {c for _, c in img.getcolors(maxcolors=1 << 20)}
+    assert ablation.COLORS["AE"] in colors and ablation.COLORS["CLIP+SSL+AE"] in colors
+
+
+def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
+    out = str(tmp_path / "study")
+    rows = ablation.main(["--quick", f"--out={out}"])
+    assert [r["name"] for r in rows] == list(ablation.VARIANTS)
+    for r in rows:
+        assert 0 <= r["probe"] <= 100 and 0 <= r["knn"] <= 100 and r["psnr"] > 0 and r["rfd"] >= 0
+        assert 0 <= r["judge_acc_cfg1"] <= 1 and 0 <= r["judge_acc_cfg4"] <= 1 and r["gfd_cfg1"] >= 0
+        assert (r["zero_shot"] is None) == (r["name"] in ("AE", "SSL+AE"))  # zero-shot only where CLIP is on
+    assert rows[0]["flops"] < rows[-1]["flops"]
+    with open(os.path.join(out, "results.json")) as f:
+        assert [r["name"] for r in json.load(f)["rows"]] == list(ablation.VARIANTS)
+    md = open(os.path.join(out, "results.md")).read()
+    assert all(f"| {v} |" in md for v in ablation.VARIANTS)
+    assert os.path.isfile(os.path.join(out, "probe_vs_gfd.png"))
+    # Resumable: a finished study re-runs nothing; a lost result is redone alone.
+    log = os.path.join(out, "log.txt")
+    n_runs = open(log).read().count("\n$ ")
+    os.remove(os.path.join(out, "CLIP_AE", "eval_probe.json"))
+    again = ablation.main(["--quick", f"--out={out}"])
+    assert open(log).read().count("\n$ ") == n_runs + 1
+    assert again[1]["probe"] == rows[1]["probe"]  # the same checkpoint evaluated again
+
+
+def test_unknown_flag_fails_before_running(tmp_path):
+    from model import ConfigError
+
+    with pytest.raises(ConfigError):
+        ablation.main(["--quick", f"--out={tmp_path}", "--no.such_key=1"])
+    assert not os.listdir(tmp_path)
