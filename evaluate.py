@@ -547,8 +547,7 @@ def _amp(cfg, device):
 # says whether they show their class, and the Fréchet distance in its 128-d penultimate space (FD_judge) puts the
 # reconstructions and generations of every tokenizer on one scale.
 
-JUDGE_TRAIN_IMAGES, JUDGE_EPOCHS, JUDGE_BATCH, JUDGE_LR = 20_000, 6, 128, 2e-3
-JUDGE_VAL_IMAGES = 1000
+JUDGE_BATCH, JUDGE_LR, JUDGE_VAL_IMAGES = 128, 2e-3, 1000  # its scenes and epochs: eval.judge_images / judge_epochs
 
 
 class ShapeJudge(nn.Module):
@@ -574,7 +573,7 @@ def labelled_images(cfg, split, size, n):
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_judge(x, y, num_classes, epochs=JUDGE_EPOCHS, seed=0, batch_size=JUDGE_BATCH, lr=JUDGE_LR):
+def train_judge(x, y, num_classes, epochs, seed=0, batch_size=JUDGE_BATCH, lr=JUDGE_LR):
     """
     Train a ShapeJudge on images x (N, 3, S, S) with labels y (N,). Deterministic: the initialization and every
     draw (order, flips) come from `seed`, never from the global RNG, so a seed gives bit-identical weights.
@@ -606,14 +605,16 @@ def judge_outputs(judge, images, batch_size=256):
     return torch.cat(feats), torch.cat(logits)
 
 
-def load_judge(cfg, size, folder, seed=0, device="cpu", num_images=JUDGE_TRAIN_IMAGES, epochs=JUDGE_EPOCHS):
+def load_judge(cfg, size, device="cpu"):
     """
-    The judge of the built-in data at `size` px: loaded from `folder` if trained before, else trained on the
-    first `num_images` training scenes, scored on the val split and saved there. Returns (ShapeJudge, info dict
-    with its val accuracy and path).
+    The judge of the built-in data at `size` px: loaded from eval.judge_dir if trained before, else trained on the
+    first eval.judge_images training scenes for eval.judge_epochs from eval.judge_seed, scored on the val split and
+    saved there. Returns (ShapeJudge, info dict with its val accuracy and path).
     """
     if cfg.data.dataset != "builtin":
         raise ConfigError(f"the judge knows only the built-in scenes, not data.dataset={cfg.data.dataset!r}")
+    e = cfg.eval
+    folder, seed, num_images, epochs = e.judge_dir, e.judge_seed, e.judge_images, e.judge_epochs
     name = f"judge_{size}px_data{cfg.data.seed}_seed{seed}_n{num_images}_e{epochs}.pt"
     path = os.path.join(folder, name)
     if os.path.isfile(path):
@@ -693,13 +694,14 @@ class Evaluator:
         return FDFeatures(vtp=vtp, space=f"vtp:{path}")
 
     def shape_judge(self, cfg, size):
-        """The built-in data's ShapeJudge at `size` px (load_judge), or None for other data."""
+        """The built-in data's ShapeJudge at `size` px (load_judge; its `info` attribute has its val accuracy), or
+        None for other data."""
         if cfg.data.dataset != "builtin":
             return None
         if size not in self._shape_judges:
-            e = self.cli.eval
-            self._shape_judges[size] = load_judge(cfg, size, e.judge_dir, e.judge_seed, self.device, e.judge_images,
-                                                  e.judge_epochs)[0]
+            judge, info = load_judge(cfg, size, self.device)
+            judge.info = info
+            self._shape_judges[size] = judge
         return self._shape_judges[size]
 
     def lpips(self, cfg):
@@ -1020,12 +1022,10 @@ def run_gen(E):
 def run_judge(E):
     """Train (once) or load the built-in data's judge at the tokenizer's image size; report its val accuracy."""
     cfg = E.vtp()[1] if E.cli.eval.ckpt else E.merge(E.cli)
-    if cfg.data.dataset != "builtin":
+    judge = E.shape_judge(cfg, cfg.encoder.image_size)
+    if judge is None:
         return {"skipped": f"the judge knows only the built-in scenes, not data.dataset={cfg.data.dataset!r}"}
-    e = E.cli.eval
-    _, info = load_judge(cfg, cfg.encoder.image_size, e.judge_dir, e.judge_seed, E.device, e.judge_images,
-                         e.judge_epochs)
-    return info
+    return judge.info
 
 
 COMMANDS = {"judge": run_judge, "zero-shot": run_zero_shot, "retrieval": run_retrieval, "probe": run_probe,

@@ -88,9 +88,10 @@ def study_unit(name, folder, flags, steps, o, log):
     """One tokenizer end to end: pre-train, evaluate, DiT on its latents, evaluate the samples. Returns its row."""
     os.makedirs(folder, exist_ok=True)
     ckpt = pretrain(folder, flags, steps, log)
-    ev = [f"--ckpt={ckpt}", f"--eval.num_images={o['eval_images']}", f"--eval.judge_dir={o['judge_dir']}",
-          f"--eval.judge_images={o['judge_images']}"]
-    row = {"name": name, "steps": steps, "flops": tokenizer_flops(flags + [f"--train.max_steps={steps}"], steps)}
+    same = [f"--eval.num_images={o['eval_images']}", f"--eval.judge_dir={o['judge_dir']}",
+            f"--eval.judge_images={o['judge_images']}"]  # every evaluation: the same images and the same judge
+    ev = [f"--ckpt={ckpt}"] + same
+    row = {"name": name, "steps": steps, "flops": tokenizer_flops(flags, steps)}
     probe = evaluate("probe", os.path.join(folder, "eval_probe.json"), ev, log)
     recon = evaluate("recon", os.path.join(folder, "eval_recon.json"), ev, log)
     row.update(probe=probe["linear_top1"], knn=probe["knn20_top1"], psnr=recon["psnr"], rfd=recon["rFD_judge"])
@@ -105,7 +106,7 @@ def study_unit(name, folder, flags, steps, o, log):
     for scale in GUIDANCE:
         gen = evaluate("gen", os.path.join(folder, f"eval_gen_cfg{scale:g}.json"),
                        [f"--dit_ckpt={final_dit}", f"--eval.cfg_scale={scale}", f"--eval.num_gen={o['num_gen']}",
-                        f"--eval.gen_steps={o['gen_steps']}"] + ev[1:], log)
+                        f"--eval.gen_steps={o['gen_steps']}"] + same, log)
         row[f"judge_acc_cfg{scale:g}"], row[f"gfd_cfg{scale:g}"] = gen["judge_accuracy"], gen["gFD_judge"]
     row["grid"] = last_grid(dit_dir)
     return row

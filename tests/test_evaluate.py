@@ -580,16 +580,22 @@ def test_fd_judge_zero_on_itself_and_grows_when_classes_shift(judge_data):
     assert ev.frechet_distance(*ev.feature_statistics(shifted), *stats) > 0.05
 
 
-def test_load_judge_trains_once_and_reuses(tmp_path, capsys):
+def _judge_config(folder):
     cfg = Config()
-    a, info = ev.load_judge(cfg, 32, str(tmp_path), num_images=64, epochs=1)
+    cfg.eval.judge_dir, cfg.eval.judge_images, cfg.eval.judge_epochs = str(folder), 64, 1
+    return cfg
+
+
+def test_load_judge_trains_once_and_reuses(tmp_path, capsys):
+    cfg = _judge_config(tmp_path)
+    a, info = ev.load_judge(cfg, 32)
     assert os.path.isfile(info["path"]) and 0 <= info["val_accuracy"] <= 1 and "training the judge" in capsys.readouterr().out
-    b, info2 = ev.load_judge(cfg, 32, str(tmp_path), num_images=64, epochs=1)
+    b, info2 = ev.load_judge(cfg, 32)
     assert "training the judge" not in capsys.readouterr().out and info2 == info
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     cfg.data.dataset = "folder"
     with pytest.raises(ConfigError, match="built-in"):
-        ev.load_judge(cfg, 32, str(tmp_path))
+        ev.load_judge(cfg, 32)
 
 
 def test_cli_gen_judge_accuracy_and_fd(tiny_ckpt, tmp_path):
@@ -602,7 +608,7 @@ def test_cli_gen_judge_accuracy_and_fd(tiny_ckpt, tmp_path):
     a = ev.main(args + [f"--gen_npz={right}"])["gen"]
     b = ev.main(args + [f"--gen_npz={wrong}"])["gen"]
     assert abs(a["gFD_judge"]) < 1e-3 and b["gFD_judge"] == a["gFD_judge"]  # the reference images themselves
-    judge, _ = ev.load_judge(Config(), 32, JUDGE_DIR, num_images=64, epochs=1)  # the judge the CLI saved
+    judge, _ = ev.load_judge(_judge_config(JUDGE_DIR), 32)  # the judge the CLI saved
     x = ev.normalize(torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255)
     pred = ev.judge_outputs(judge, x)[1].argmax(1).numpy()
     assert a["judge_accuracy"] == pytest.approx((pred == labels).mean())
