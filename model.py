@@ -23,6 +23,7 @@ import os
 import re
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -579,11 +580,17 @@ class Tracker:
     """
     Sums loss terms on the device between log steps (no host sync per step) and remembers, per term, the first
     step at which it was not finite. `flush()` averages over processes (one all-reduce), syncs once, raises
-    NonFiniteLoss naming the term and step, and returns the mean of each term since the last flush.
+    NonFiniteLoss naming the term and step, and returns the mean of each term since the last flush. `log()` flushes
+    and writes the log line and metrics.jsonl row with the speed since the last log.
     """
 
-    def __init__(self, world_size=1):
+    def __init__(self, world_size=1, step=0):
         self.world_size, self.sums, self.counts, self.first_bad = world_size, {}, {}, {}
+        self.t0, self.step0, self.excluded = time.time(), step, 0.0
+
+    def exclude(self, seconds):
+        """Keep `seconds` spent outside the training step (sampling previews) out of the next ms/step."""
+        self.excluded += seconds
 
     def add(self, terms, step):
         for k, v in terms.items():
@@ -608,6 +615,18 @@ class Tracker:
         means = {k: s / max(1, self.counts[k]) / self.world_size for k, s in zip(keys, sums)}
         self.sums = {k: torch.zeros_like(s) for k, s in self.sums.items()}
         self.counts = {k: 0 for k in self.counts}
+        return means
+
+    def log(self, out_dir, bar, step, total_steps, images_per_step, lr, **extra):
+        """flush(), then (rank 0) `log_step` of the means, `extra`, lr and the speed since the last log."""
+        means = self.flush()  # raises NonFiniteLoss before the caller saves anything
+        dt = max((time.time() - self.t0 - self.excluded) / max(1, step - self.step0), 1e-9)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            row = {"step": step, "total_steps": total_steps, **{k: v for k, v in means.items() if k != "grad_norm"},
+                   **extra, "lr": lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
+                   "img_per_s": images_per_step / dt}
+            log_step(out_dir, row, bar)
+        self.t0, self.step0, self.excluded = time.time(), step, 0.0
         return means
 
 

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from tqdm import tqdm
 import data
 import losses
 from model import (VTP, Config, DINOHead, Tracker, adamw, all_reduce_sum, amp_setup, cleanup_distributed,
-                   config_summary, ema_update, export_official, log_step, official_config, parse_config, print0,
+                   config_summary, ema_update, export_official, official_config, parse_config, print0,
                    resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, trim_metrics)
 
 # -----------------------------------------------------------------------------
@@ -325,7 +324,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
            f"{cfg.data.batch_size * world_size * tc.accum_steps} | peak lr {lr_peak:.2e} | "
            f"λ_rec {cfg.loss.lambda_rec} λ_ssl {cfg.loss.lambda_ssl} λ_clip {cfg.loss.lambda_clip}")
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", dynamic_ncols=True) if rank == 0 else None
-    tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    tracker = Tracker(world_size, step)
     # the entropies (ent_t_* teacher targets, ent_s_* student predictions) read against log K: both at log K = collapse
     log_k = {"log_k": math.log(cfg.head.num_prototypes)} if cfg.loss.lambda_ssl > 0 else {}
     terms = None
@@ -353,14 +352,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
 
         last = step == tc.max_steps
         if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
-            means = tracker.flush()  # raises NonFiniteLoss before anything is saved
-            if rank == 0:
-                dt = (time.time() - t_log) / max(1, step - log_step0)
-                row = {"step": step, "total_steps": tc.max_steps, **{k: v for k, v in means.items() if k != "grad_norm"},
-                       **log_k, "lr": lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
-                       "img_per_s": cfg.data.batch_size * world_size * tc.accum_steps / max(dt, 1e-9)}
-                log_step(out_dir, row, bar)
-            t_log, log_step0 = time.time(), step
+            tracker.log(out_dir, bar, step, tc.max_steps, cfg.data.batch_size * world_size * tc.accum_steps, lr, **log_k)
         if rank == 0 and (step % tc.preview_every == 0 or last) and cfg.loss.lambda_rec > 0:
             with torch.no_grad(), autocast():
                 student.vtp.eval()
@@ -484,7 +476,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
         trim_metrics(out_dir, step)
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
-    tracker, t_log, log_step0 = Tracker(world_size), time.time(), step
+    tracker = Tracker(world_size, step)
     terms = recon = None
     # nothing in a stage-2 step draws random numbers: encoder in eval mode, no stochastic depth in the decoder
     while step < tc.max_steps:
@@ -498,14 +490,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
 
         last = step == tc.max_steps
         if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
-            means = tracker.flush()
-            if rank == 0:
-                dt = (time.time() - t_log) / max(1, step - log_step0)
-                row = {"step": step, "total_steps": tc.max_steps, **{k: v for k, v in means.items() if k != "grad_norm"},
-                       "lr": cfg.optim.stage2_lr, "grad_norm": means["grad_norm"], "ms_per_step": 1000 * dt,
-                       "img_per_s": x.shape[0] * world_size / max(dt, 1e-9)}
-                log_step(out_dir, row, bar)
-            t_log, log_step0 = time.time(), step
+            tracker.log(out_dir, bar, step, tc.max_steps, x.shape[0] * world_size, cfg.optim.stage2_lr)
         if rank == 0 and (step % tc.preview_every == 0 or last):
             with torch.no_grad(), autocast():
                 decoder.eval()

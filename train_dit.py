@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
 from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw, amp_setup, barrier,
-                   cleanup_distributed, config_summary, ema_update, load_vtp, log_step, parse_config, print0,
+                   cleanup_distributed, config_summary, ema_update, load_vtp, parse_config, print0,
                    resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden,
                    trim_metrics)
 
@@ -681,8 +681,7 @@ def main(argv=None):
 
     # 6. training loop
     pbar = tqdm(total=d.max_steps, initial=step, desc="DiT", disable=rank != 0, dynamic_ncols=True)
-    tracker, log_step0 = Tracker(world_size), step
-    last_ckpt, t0, t_other = resume, time.time(), 0.0  # t_other: sampling/saving time, kept out of ms/step
+    tracker, last_ckpt = Tracker(world_size, step), resume
     while step < d.max_steps:
         pos = sampler.indices(step)
         flip = torch.rand(len(pos), generator=step_generator(d.seed, rank, step, "cpu", stream=1)) < 0.5
@@ -695,13 +694,7 @@ def main(argv=None):
         tracker.add({**losses, "grad_norm": grad_norm}, step)
         last = step == d.max_steps
         if step % d.log_every == 0 or last or step % d.ckpt_every == 0:
-            means = tracker.flush()  # raises NonFiniteLoss before anything is saved
-            dt = (time.time() - t0 - t_other) / (step - log_step0)
-            if rank == 0:
-                row = {"step": step, "total_steps": d.max_steps, **means, "lr": lr, "ms_per_step": 1000 * dt,
-                       "img_per_s": d.batch_size * world_size / dt}
-                log_step(d.out_dir, row, pbar)
-            log_step0, t0, t_other = step, time.time(), 0.0
+            tracker.log(d.out_dir, pbar, step, d.max_steps, d.batch_size * world_size, lr)
         t1 = time.time()
         if (step % d.sample_every == 0 or last) and rank == 0:
             path = os.path.join(d.out_dir, f"samples_{step:07d}.png")
@@ -709,7 +702,7 @@ def main(argv=None):
             pbar.write(f"wrote {path}")
         if (step % d.ckpt_every == 0 or last) and rank == 0:
             last_ckpt = save_dit_checkpoint(d, step, state(step))
-        t_other += time.time() - t1
+        tracker.exclude(time.time() - t1)  # sampling and saving stay out of ms/step
     pbar.close()
     # 7. done: tear DDP down cleanly (barrier, drop the wrapper, then destroy the process group)
     barrier()
