@@ -146,6 +146,10 @@ class OptimConfig:
     warmup_frac: float = 0.05  # linear warm-up, fraction of max_steps
     min_lr_frac: float = 0.01  # cosine decays to this fraction of the peak lr
     grad_clip: float = 3.0  # max global gradient norm (0 = off)
+    # [ours] lr multiplier of the text tower. From scratch at tiny scale, the image tower knows no shape yet, so a
+    # text tower at full lr erases the shape word from the caption embeddings within ~100 steps and CLIP settles on
+    # colour; a slower text tower keeps it (README, Method). S/B/L: 1 (one lr for every parameter, as in the paper).
+    text_lr_mult: float = 1.0
     teacher_momentum: float = 0.992  # teacher EMA momentum at step 0 (cosine to teacher_momentum_final)
     teacher_momentum_final: float = 1.0  # teacher EMA momentum at the last step
     stage2_lr: float = 1e-4  # stage 2 (decoder + discriminator) AdamW lr
@@ -420,6 +424,7 @@ def validate_config(cfg):
         v = _get(cfg, key)
         need(len(v) == 2 and v[0] <= v[1], key, "must be two numbers lo,hi with lo <= hi")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.text_lr_mult >= 0, "optim.text_lr_mult", "must be >= 0 (0 freezes the text tower)")
     need(0.0 < cfg.dit.time_shift, "dit.time_shift", "must be > 0")
     need(cfg.dit.lr >= 0, "dit.lr", "must be >= 0 (0 = the DiT preset's)")
     need(cfg.dit.grid_cfg_scale >= 0, "dit.grid_cfg_scale", "must be >= 0")

@@ -187,15 +187,24 @@ class Teacher(nn.Module):
         return {"cls": self.center_cls(t_cls, temp), "patches": self.center_patch(t_patch, temp)}
 
 
-def param_groups(module, weight_decay):
-    """AdamW groups: no weight decay on norms, biases, [CLS]/mask tokens and logit_scale (all 0/1-d or *_token)."""
-    decay, no_decay = [], []
+TEXT_TOWER = ("token_embedding", "positional_embedding", "text_transformer", "ln_final", "text_projection")
+
+
+def param_groups(module, weight_decay, text_lr_mult=1.0):
+    """
+    AdamW groups: no weight decay on norms, biases, [CLS]/mask tokens and logit_scale (all 0/1-d or *_token); the
+    text tower's parameters (`TEXT_TOWER`) get lr * text_lr_mult. Each group carries its "lr_mult".
+    Order: image-side decay, image-side no-decay, text decay, text no-decay (empty groups are left out).
+    """
+    groups = {key: [] for key in ((False, True), (False, False), (True, True), (True, False))}  # (text, decay)
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or name.endswith(("cls_token", "mask_token")) or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        text = any(part in TEXT_TOWER for part in name.split("."))
+        groups[(text, not skip)].append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_mult": text_lr_mult if text else 1.0}
+            for (text, decay), ps in groups.items() if ps]
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +298,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
     student = Student(cfg, rank, world_size).to(device)
     teacher = Teacher(student).to(device)
     lr_peak = peak_lr(cfg, world_size)
-    optimizer = adamw(param_groups(student, cfg.optim.weight_decay), device, lr=lr_peak,
+    optimizer = adamw(param_groups(student, cfg.optim.weight_decay, cfg.optim.text_lr_mult), device, lr=lr_peak,
                       betas=cfg.optim.betas, eps=cfg.optim.eps)
     autocast, scaler = amp_setup(cfg.train.amp, device)
     step = 0
@@ -334,7 +343,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
         gen = step_generator(tc.seed, rank, step, device)
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         for micro in range(tc.accum_steps):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
             if tc.compile and batch["mask_indices"].numel() > 1:  # the masked count changes every step:

@@ -12,7 +12,7 @@ import torch
 
 import losses
 import pretrain
-from model import Config, ConfigError, NonFiniteLoss, Tracker, load_vtp
+from model import Config, ConfigError, NonFiniteLoss, Tracker, load_vtp, resolve_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,16 +73,31 @@ def test_tracker_means_and_first_bad_step():
 def test_param_groups_exclude_norms_biases_tokens_logit_scale():
     cfg = pretrain.parse_config(SMALL)
     student = pretrain.Student(cfg)
-    groups = pretrain.param_groups(student, 0.05)
+    groups = pretrain.param_groups(student, 0.05, text_lr_mult=0.1)
     names = {id(p): n for n, p in student.named_parameters()}
-    no_decay = {names[id(p)] for p in groups[1]["params"]}
-    decay = {names[id(p)] for p in groups[0]["params"]}
+    where = {names[id(p)]: (g["weight_decay"], g["lr_mult"]) for g in groups for p in g["params"]}
+    assert sorted(where) == sorted(n for n, p in student.named_parameters() if p.requires_grad)  # each param once
     for n in ("vtp.trunk.cls_token", "vtp.trunk.mask_token", "vtp.logit_scale", "vtp.trunk.norm.weight",
-              "vtp.trunk.blocks.0.attn.qkv.bias", "vtp.ln_final.weight"):
-        assert n in no_decay
-    for n in ("vtp.trunk.blocks.0.attn.qkv.weight", "vtp.trunk.feature_bottleneck.weight", "dino_head.last_layer.weight"):
-        assert n in decay
-    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+              "vtp.trunk.blocks.0.attn.qkv.bias"):
+        assert where[n] == (0.0, 1.0), n
+    for n in ("vtp.trunk.blocks.0.attn.qkv.weight", "vtp.trunk.feature_bottleneck.weight", "dino_head.last_layer.weight",
+              "vtp.visual_proj.weight"):
+        assert where[n] == (0.05, 1.0), n
+    for n in ("vtp.token_embedding.weight", "vtp.positional_embedding", "vtp.text_projection",
+              "vtp.text_transformer.resblocks.0.attn.in_proj_weight"):
+        assert where[n] == (0.05, 0.1), n
+    assert where["vtp.ln_final.weight"] == where["vtp.text_transformer.resblocks.0.ln_1.bias"] == (0.0, 0.1)
+
+
+def test_text_lr_mult_scales_only_the_text_tower(tmp_path):
+    """At text_lr_mult=0 a step leaves every text-tower weight as it was and still moves the image tower."""
+    for steps in (1, 2):
+        run(tmp_path / str(steps), f"--train.max_steps={steps}", "--optim.text_lr_mult=0")
+    a, b = (torch.load(resolve_checkpoint(str(tmp_path / s)), map_location="cpu", weights_only=True)["model"]
+            for s in ("1", "2"))
+    text = [n for n in a if any(part in pretrain.TEXT_TOWER for part in n.split("."))]
+    assert len(text) > 5 and all(torch.equal(a[n], b[n]) for n in text)
+    assert not torch.equal(a["trunk.blocks.0.attn.qkv.weight"], b["trunk.blocks.0.attn.qkv.weight"])
 
 
 # --- stage 1 and stage 2 smoke runs ---
