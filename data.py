@@ -6,11 +6,11 @@ the README's Method section. This file holds:
 
   1. ImageNet normalization and the image transforms (ADM centre crop, RandomResizedCrop, flip, colour jitter,
      grayscale, blur, solarize); their randomness comes only from seeded `torch.Generator`s passed in;
-  2. the text tokenizer: a byte-level BPE trained from scratch (minbpe-style) that can also load CLIP's merges file;
-  3. `builtin`: procedurally drawn captioned scenes (a shape on a textured background), deterministic, no files;
-  4. readers for real data: caption folders, JSONL, img2dataset tar shards, ImageNet-style class folders;
-  5. DINOv2 multi-crop, iBOT block masks and the batch collate of the batch trick (Method §1.2, §5);
-  6. the resumable pre-training loader, the evaluation loader, `build_dataset` and `build_tokenizer`.
+  2. DINOv2 multi-crop, iBOT block masks and the batch collate of the batch trick (Method §1.2, §5);
+  3. the resumable pre-training loader, the evaluation loader, `build_dataset` and `build_tokenizer`;
+  4. the text tokenizer: a byte-level BPE trained from scratch (minbpe-style) that can also load CLIP's merges file;
+  5. `builtin`: procedurally drawn captioned scenes (a shape on a textured background), deterministic, no files;
+  6. readers for real data: caption folders, JSONL, img2dataset tar shards, ImageNet-style class folders.
 
 How the stage scripts use it:
 
@@ -205,770 +205,7 @@ def solarize(img, threshold=SOLARIZE_THRESHOLD):
 
 
 # -----------------------------------------------------------------------------
-# 2. Text tokenizer: byte-level BPE, trained from scratch or loaded from CLIP's merges file.
-
-# Pre-tokenization with the stdlib `re` (no \p{..} classes): [^\W\d_] = letters, \d = digits,
-# (?:[^\s\w]|_) = everything else that is not whitespace. ASCII behaves exactly like the \p{L}/\p{N} originals.
-_BYTE_SPLIT = re.compile(r"""'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")  # GPT-2 style
-_CLIP_SPLIT = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""",
-                         re.IGNORECASE)
-_CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-CLIP_NUM_MERGES = 49408 - 256 - 256 - 2  # CLIP uses the first 48894 merges of bpe_simple_vocab_16e6.txt.gz
-
-# CLIP's byte order (its bytes_to_unicode): printable bytes first, keeping their own character, then the other 68
-# bytes, which get the characters chr(256 + n). A byte's token id is its rank in this order (+256 at a word end).
-_PRINTABLE = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-CLIP_BYTE_ORDER = _PRINTABLE + [b for b in range(256) if b not in _PRINTABLE]
-_CLIP_CHARS = [chr(b) if r < len(_PRINTABLE) else chr(256 + r - len(_PRINTABLE)) for r, b in enumerate(CLIP_BYTE_ORDER)]
-_CLIP_RANK = {b: r for r, b in enumerate(CLIP_BYTE_ORDER)}  # byte -> its CLIP token id
-
-
-def _merge(ids, pair, new_id):
-    """Replace every non-overlapping occurrence of `pair` in `ids`, left to right, by `new_id`."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def _clip_clean(text):
-    """CLIP's text cleanup without ftfy: HTML unescape (twice), collapse whitespace, lower-case."""
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-class BPETokenizer:
-    """
-    Byte-level BPE (minbpe-style), in one of two kinds with one interface:
-
-      kind="bytes": our own, trained on captions (`train`). Ids 0..255 are the bytes, 256.. the merges in order.
-        Case and whitespace are kept, so decode(encode(s)) == s for any string.
-      kind="clip": OpenAI CLIP's vocabulary (`from_clip_merges`). Ids 0..255 are bytes inside a word and 256..511
-        the same bytes ending a word (CLIP's `</w>`), 512.. the merges; text is cleaned and lower-cased first, and
-        decode puts a space after every word.
-
-    In both, start = vocab_size - 2 and end = vocab_size - 1: the end token has the largest id, because the text
-    tower pools at the argmax token id (Method §4). `tokenizer(texts)` gives (B, context_length) int64 rows
-    [start, ids..., end, 0, 0, ...], truncated so the end token is always kept. Picklable (loader workers) and
-    saved in checkpoints through `state_dict()` / `tokenizer_from_state()`.
-    """
-
-    def __init__(self, vocab_size=1024, context_length=32, merges=(), kind="bytes"):
-        if kind not in ("bytes", "clip"):
-            raise ValueError(f"tokenizer kind must be 'bytes' or 'clip', got {kind!r}")
-        self.kind, self.vocab_size, self.context_length = kind, vocab_size, context_length
-        self.sot_id, self.eot_id = vocab_size - 2, vocab_size - 1
-        self.base = 256 if kind == "bytes" else 512  # id of the first merge
-        if vocab_size < self.base + 2 + len(merges) or context_length < 2:
-            raise ValueError(f"vocab_size={vocab_size} is too small for {len(merges)} merges of a '{kind}' BPE "
-                             f"(needs >= {self.base + 2 + len(merges)}), or context_length={context_length} < 2")
-        self._set_merges([tuple(p) for p in merges])
-
-    def _set_merges(self, merges):
-        self.merges = merges
-        self.ranks = {pair: self.base + i for i, pair in enumerate(merges)}  # pair -> new id; lower id merges first
-        if self.kind == "bytes":
-            self.vocab = {i: bytes([i]) for i in range(256)}
-        else:
-            self.vocab = {r: bytes([b]) for r, b in enumerate(CLIP_BYTE_ORDER)}
-            self.vocab.update({256 + r: bytes([b]) + b" " for r, b in enumerate(CLIP_BYTE_ORDER)})  # `</w>` = space
-        for (a, b), idx in self.ranks.items():
-            self.vocab[idx] = self.vocab[a] + self.vocab[b]
-        self._cache = {}  # pre-token -> ids
-
-    # --- training (kind="bytes") ---
-
-    def train(self, texts):
-        """
-        Learn vocab_size - 258 merges from `texts` (minbpe's algorithm on pre-tokenized chunks, counted once per
-        distinct chunk; pair counts are updated incrementally so a few thousand captions take about a second).
-        Deterministic: every rank that trains on the same captions gets the same tokenizer.
-        """
-        assert self.kind == "bytes", "only the byte-level kind is trained; CLIP's merges are loaded"
-        chunks = Counter(c for t in texts for c in _BYTE_SPLIT.findall(t))
-        words = [list(c.encode("utf-8")) for c in chunks]
-        freqs = list(chunks.values())
-        stats, where = Counter(), defaultdict(set)  # pair -> weighted count, pair -> indices of words holding it
-        for w, ids in enumerate(words):
-            for pair in zip(ids, ids[1:]):
-                stats[pair] += freqs[w]
-                where[pair].add(w)
-        merges = []
-        for new_id in range(256, self.vocab_size - 2):
-            if not stats:
-                break  # every chunk is a single token already
-            pair = max(stats, key=stats.get)  # ties: the first inserted, deterministic
-            merges.append(pair)
-            for w in sorted(where.pop(pair)):
-                old = words[w]
-                for p in zip(old, old[1:]):
-                    stats[p] -= freqs[w]
-                    if stats[p] == 0:
-                        del stats[p]
-                words[w] = _merge(old, pair, new_id)
-                for p in zip(words[w], words[w][1:]):
-                    stats[p] += freqs[w]
-                    where[p].add(w)
-            stats.pop(pair, None)
-        self._set_merges(merges)
-        return self
-
-    # --- CLIP vocabulary ---
-
-    @classmethod
-    def from_clip_merges(cls, path, context_length=77):
-        """Load CLIP's `bpe_simple_vocab_16e6.txt.gz` (or any file in its format: a header line, then `a b` merges)."""
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")[1:1 + CLIP_NUM_MERGES]  # line 0 is a version header
-        ids = {ch: r for r, ch in enumerate(_CLIP_CHARS)}
-        ids.update({ch + "</w>": 256 + r for r, ch in enumerate(_CLIP_CHARS)})
-        merges = []
-        for lineno, line in enumerate(lines, 2):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or parts[0] not in ids or parts[1] not in ids:
-                raise ValueError(f"{path}:{lineno}: expected a merge 'a b' of known tokens, got {line!r}")
-            merges.append((ids[parts[0]], ids[parts[1]]))
-            ids[parts[0] + parts[1]] = 512 + len(merges) - 1
-        return cls(512 + len(merges) + 2, context_length, merges, kind="clip")
-
-    # --- encoding and decoding ---
-
-    def _pre_tokens(self, text):
-        if self.kind == "bytes":
-            return _BYTE_SPLIT.findall(text)
-        return _CLIP_SPLIT.findall(_clip_clean(text))
-
-    def _bpe(self, chunk):
-        """Ids of one pre-token: start from its bytes, apply the lowest-ranked merge until none applies."""
-        if self.kind == "clip" and chunk in _CLIP_SPECIAL:
-            return [self.sot_id if chunk == _CLIP_SPECIAL[0] else self.eot_id]
-        if self.kind == "bytes":
-            ids = list(chunk.encode("utf-8"))
-        else:
-            ids = [_CLIP_RANK[b] for b in chunk.encode("utf-8")]
-            ids[-1] += 256  # the last byte of a word carries `</w>`
-        while len(ids) >= 2:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            ids = _merge(ids, pair, self.ranks[pair])
-        return ids
-
-    def encode(self, text):
-        """str -> list of token ids (no start / end tokens)."""
-        out = []
-        for chunk in self._pre_tokens(text):
-            ids = self._cache.get(chunk)
-            if ids is None:
-                if len(self._cache) > 100_000:
-                    self._cache.clear()
-                ids = self._cache[chunk] = self._bpe(chunk)
-            out.extend(ids)
-        return out
-
-    def decode(self, ids):
-        """list of token ids -> str. Stops at the end token and drops ids without bytes (start token, unused ids),
-        so a padded row from __call__ decodes to its text."""
-        parts = []
-        for i in ids:
-            i = int(i)
-            if i == self.eot_id:
-                break
-            parts.append(self.vocab.get(i, b""))
-        return b"".join(parts).decode("utf-8", errors="replace")
-
-    def __call__(self, texts):
-        """list[str] (or one str) -> LongTensor (B, context_length): start, ids, end, then zero padding."""
-        texts = [texts] if isinstance(texts, str) else texts
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = [self.sot_id] + self.encode(text)[: self.context_length - 2] + [self.eot_id]
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
-
-    # --- persistence ---
-
-    def state_dict(self):
-        """Plain python types (fits in a `weights_only` torch checkpoint); rebuild with `tokenizer_from_state`."""
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "context_length": self.context_length,
-                "merges": [list(p) for p in self.merges]}
-
-
-def tokenizer_from_state(state):
-    """Rebuild a tokenizer from `BPETokenizer.state_dict()` (e.g. `ckpt["tokenizer"]`)."""
-    return BPETokenizer(state["vocab_size"], state["context_length"], state["merges"], state["kind"])
-
-
-# -----------------------------------------------------------------------------
-# 3. Built-in data: procedurally drawn captioned scenes. Scene `index` of a split is a pure function of
-# (seed, split, index); drawing works at any size. Label = the main object's shape.
-
-# Shapes that stay distinct at 32 px: a hexagon was the first choice, but at 15 px it is a circle [ours].
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart")
-SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
-               "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"),
-               "cross": ("cross", "plus sign"),
-               "ring": ("ring", "hoop"), "heart": ("heart",)}
-COLORS = {"red": (220, 38, 38), "orange": (245, 140, 30), "yellow": (245, 215, 40), "green": (40, 170, 70),
-          "cyan": (40, 200, 215), "blue": (40, 80, 220), "purple": (140, 60, 190), "pink": (245, 130, 190),
-          "brown": (125, 80, 40), "white": (245, 245, 245)}
-BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 235, 235), "beige": (225, 205, 160)}
-PATTERNS = {"plain": 0.55, "noisy": 0.15, "striped": 0.15, "checkered": 0.15}  # probabilities; plain has a faint grain
-MIN_CONTRAST = 130  # RGB distance an object colour keeps from the background colour
-SIZES = {"tiny": (0.18, 0.28), "small": (0.55, 0.65), "medium": (0.65, 0.75), "large": (0.75, 0.88)}  # diameter/side
-# The labelled object spans >= 55% of the side and most backgrounds are plain, so that a tiny ViT can learn shape at
-# 32 px within the default budget [ours] (objects of 40-80% on mostly patterned backgrounds were much slower to learn).
-MAIN_SIZES = ("small", "medium", "large")
-SIZE_WORDS = {"tiny": ("tiny", "very small"), "small": ("small", "little"), "medium": ("medium", "medium-sized"),
-              "large": ("large", "big")}
-POSITION_PHRASES = {  # the 3x3 cell of an object's centre, row-major
-    "top left": ("in the top left corner", "at the top left"), "top": ("at the top", "near the top edge"),
-    "top right": ("in the top right corner", "at the top right"), "left": ("on the left", "at the left side"),
-    "centre": ("in the centre", "in the middle", "near the center"), "right": ("on the right", "at the right side"),
-    "bottom left": ("in the bottom left corner", "at the bottom left"),
-    "bottom": ("at the bottom", "near the bottom edge"),
-    "bottom right": ("in the bottom right corner", "at the bottom right")}
-POSITIONS = tuple(POSITION_PHRASES)
-SECOND_OBJECT_P = 0.25  # scenes with a tiny second object (drawn beneath the main one, so it never hides it)
-# Captions name the main object's shape always and every other attribute only sometimes, as alt-text does [ours].
-# A caption that leaves out the colour fits every colour of its shape, so many of its in-batch negatives differ from
-# it only in shape: InfoNCE cannot be solved by colour alone (with every attribute named, under 2% of images had a
-# batch-mate differing only in shape). `shape_only_negative_share` measures this on a batch.
-MENTION_P = {"size": 0.3, "color": 0.5, "position": 0.3, "background": 0.25, "second": 0.5}
-CAPTION_PREFIXES = ("", "", "there is ", "a picture of ", "a drawing of ", "an image of ")
-SECOND_OBJECT_JOINS = (" and {o2}", ", with {o2}", " next to {o2}")
-RING_INNER, STAR_INNER, DIAMOND_WIDTH, CROSS_ARM = 0.55, 0.45, 0.62, 0.33  # shape proportions (of the radius)
-BACKGROUND_NOISE = {"plain": 4.0, "noisy": 28.0, "striped": 4.0, "checkered": 4.0}  # grain std, 0..255 scale
-PATTERN_TONE = 45  # brightness step of the second tone of stripes and checks
-
-
-def _seed(*parts):
-    """A 63-bit integer that is a pure function of `parts` (stable across processes and runs, unlike hash())."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _generator(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _with_article(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _cell(cx, cy):
-    """Name of the 3x3 cell holding the point (cx, cy) in [0, 1]^2."""
-    return POSITIONS[3 * min(int(cy * 3), 2) + min(int(cx * 3), 2)]
-
-
-def _far(a, b):
-    return math.dist(a, b) >= MIN_CONTRAST
-
-
-class BuiltinScenes:
-    """
-    The default data set: `size` captioned scenes of the `split` ("train" or "val"), drawn at image_size x
-    image_size on the fly. A scene is a textured background (plain / noisy / striped / checkered, 4 colours) with a
-    main object (8 shapes, 10 colours, 3 sizes >= 55% of the side, anywhere) and sometimes a tiny second object;
-    its caption names the main shape always and the other attributes sometimes (`MENTION_P`), with synonyms; the
-    names it uses are kept in the scene's "mentions". Train and val scenes are disjoint: the
-    split name is part of every scene's seed. Samples: {"image": PIL RGB, "caption": str, "label": shape index}.
-    """
-
-    def __init__(self, split="train", image_size=32, size=1_000_000, seed=0):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.split, self.image_size, self.size, self.seed = split, image_size, size, seed
-        self.class_names = list(SHAPES)
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.size:
-            raise IndexError(f"scene {index} out of range [0, {self.size})")
-        scene = self.scene(index)
-        return {"image": draw_scene(scene, self.image_size), "caption": scene["caption"], "label": scene["label"]}
-
-    def caption(self, index):
-        return self.scene(index)["caption"]
-
-    def scene(self, index):
-        """The attributes of scene `index` (no drawing): background, objects (main first), caption, label."""
-        g = _generator(_seed("builtin", self.seed, self.split, index))
-        u = iter(torch.rand(96, generator=g).tolist())
-        pick = lambda options: options[min(int(next(u) * len(options)), len(options) - 1)]  # noqa: E731
-
-        def pick_weighted(probs):  # one draw, like pick: the key of `probs` whose cumulative share covers it
-            x, total = next(u), 0.0
-            for key, p in probs.items():
-                total += p
-                if x < total:
-                    return key
-            return key
-
-        def new_object(sizes, colors):
-            size = pick(sizes)
-            lo, hi = SIZES[size]
-            radius = (lo + (hi - lo) * next(u)) / 2
-            return {"shape": pick(SHAPES), "color": pick(colors), "size": size, "radius": radius,
-                    "angle": (next(u) - 0.5) * math.pi / 6}  # +-15 degrees: a square never turns into a diamond
-
-        def place(obj):
-            obj["cx"], obj["cy"] = (obj["radius"] + (1 - 2 * obj["radius"]) * next(u) for _ in range(2))
-
-        main = new_object(MAIN_SIZES, tuple(COLORS))
-        place(main)
-        background = pick([b for b in BACKGROUNDS if _far(BACKGROUNDS[b], COLORS[main["color"]])])
-        objects = [main]
-        if next(u) < SECOND_OBJECT_P:
-            second = new_object(("tiny",), [c for c in COLORS if _far(COLORS[c], BACKGROUNDS[background])])
-            spots = [(r + (1 - 2 * r) * next(u), r + (1 - 2 * r) * next(u)) for r in [second["radius"]] * 4]
-            second["cx"], second["cy"] = max(spots, key=lambda s: math.dist(s, (main["cx"], main["cy"])))
-            objects.append(second)
-        for obj in objects:
-            obj["position"] = _cell(obj["cx"], obj["cy"])
-        scene = {"index": index, "split": self.split, "seed": _seed("pixels", self.seed, self.split, index),
-                 "background": background, "pattern": pick_weighted(PATTERNS), "period": 0.1 + 0.15 * next(u),
-                 "stripe_angle": next(u) * math.pi, "objects": objects, "label": SHAPES.index(main["shape"])}
-        scene["caption"], scene["mentions"] = self._caption(scene, u, pick)
-        return scene
-
-    @staticmethod
-    def _caption(scene, u, pick):
-        """The caption and the attributes it names (`MENTION_P`): "a red star in the top left corner", "a heart"."""
-        said = {k for k, p in MENTION_P.items() if next(u) < p}  # one draw per attribute, always all drawn
-        if len(scene["objects"]) == 1:
-            said.discard("second")
-        main = scene["objects"][0]
-        words = [pick(SIZE_WORDS[main["size"]])] if "size" in said else []
-        words += [main["color"]] if "color" in said else []
-        text = pick(CAPTION_PREFIXES) + _with_article(" ".join(words + [pick(SHAPE_WORDS[main["shape"]])]))
-        if "position" in said:
-            text += " " + pick(POSITION_PHRASES[main["position"]])
-        if "second" in said:
-            second = scene["objects"][1]
-            words2 = [pick(SIZE_WORDS[second["size"]]), second["color"], pick(SHAPE_WORDS[second["shape"]])]
-            o2 = _with_article(" ".join(words2))
-            text += pick(SECOND_OBJECT_JOINS).format(o2=o2)
-        if "background" in said:
-            pattern = "" if scene["pattern"] == "plain" else scene["pattern"] + " "
-            text += " on " + _with_article(f"{pattern}{scene['background']} background")
-        return text, sorted(said)
-
-
-def caption_fits(scene, other):
-    """
-    Whether `scene`'s caption describes `other` in everything but the main object's shape: the same value for each
-    attribute the caption names (main object's size, colour, position; background and pattern; the second object's
-    size, colour and shape). With a different main shape, `other` is then a shape-only negative for that caption.
-    """
-    a, b = scene["objects"][0], other["objects"][0]
-    said = scene["mentions"]
-    if any(k in said and a[k] != b[k] for k in ("size", "color", "position")):
-        return False
-    if "background" in said and (scene["background"], scene["pattern"]) != (other["background"], other["pattern"]):
-        return False
-    if "second" in said:
-        if len(other["objects"]) < 2:
-            return False
-        s, t = scene["objects"][1], other["objects"][1]
-        return all(s[k] == t[k] for k in ("size", "color", "shape"))
-    return True
-
-
-def shape_only_negative_share(scenes):
-    """
-    Share of the ordered pairs (i, j != i) of a batch of `BuiltinScenes.scene()` dicts in which j's main shape
-    differs from i's and i's caption fits j otherwise (`caption_fits`): the negatives CLIP can only reject by shape.
-    """
-    n = len(scenes)
-    hard = sum(a["label"] != b["label"] and caption_fits(a, b)
-               for i, a in enumerate(scenes) for j, b in enumerate(scenes) if i != j)
-    return hard / max(1, n * (n - 1))
-
-
-def _regular(n, start, radii=(1.0,)):
-    """n unit-polygon vertices at angles start + 2*pi*k/n, with radii cycling through `radii` (a star alternates)."""
-    return [(radii[k % len(radii)] * math.cos(start + 2 * math.pi * k / n),
-             radii[k % len(radii)] * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
-
-
-def _heart(n=40):
-    """n vertices of the classic heart curve (16 sin^3 t, 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t), centred on its
-    bounding box and scaled to circumradius 1, y pointing down."""
-    pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
-           for t in (2 * math.pi * k / n for k in range(n))]
-    cy = (max(y for _, y in pts) + min(y for _, y in pts)) / 2
-    r = max(math.hypot(x, y - cy) for x, y in pts)
-    return [(x / r, (y - cy) / r) for x, y in pts]
-
-
-_A = CROSS_ARM
-UNIT_POLYGONS = {  # vertices of the polygonal shapes with circumradius 1, y pointing down
-    "square": _regular(4, math.pi / 4), "triangle": _regular(3, -math.pi / 2), "heart": _heart(),
-    "star": _regular(10, -math.pi / 2, (1.0, STAR_INNER)),
-    "diamond": [(0, -1), (DIAMOND_WIDTH, 0), (0, 1), (-DIAMOND_WIDTH, 0)],
-    "cross": [(-_A, -1), (_A, -1), (_A, -_A), (1, -_A), (1, _A), (_A, _A), (_A, 1), (-_A, 1), (-_A, _A), (-1, _A),
-              (-1, -_A), (-_A, -_A)]}
-
-
-def _shape_polygon(shape, cx, cy, r, angle):
-    """Vertices (x, y) of a polygonal shape of circumradius r centred at (cx, cy), rotated by `angle`."""
-    c, s = math.cos(angle), math.sin(angle)
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in UNIT_POLYGONS[shape]]
-
-
-def _object_alpha(obj, size):
-    """Anti-aliased coverage (size, size) in [0, 1] of one object: drawn supersampled, then box-averaged."""
-    ss = 4 if size <= 128 else 2
-    big = size * ss
-    mask = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(mask)
-    cx, cy, r = obj["cx"] * big, obj["cy"] * big, obj["radius"] * big
-    if obj["shape"] in ("circle", "ring"):
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        if obj["shape"] == "ring":
-            ri = RING_INNER * r
-            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
-    else:
-        draw.polygon(_shape_polygon(obj["shape"], cx, cy, r, obj["angle"]), fill=255)
-    return np.asarray(mask.reduce(ss), dtype=np.float32) / 255
-
-
-def draw_scene(scene, size):
-    """Render a `BuiltinScenes.scene()` dict as a size x size RGB PIL image."""
-    base = np.array(BACKGROUNDS[scene["background"]], dtype=np.float32)
-    other = base + (PATTERN_TONE if base.mean() < 128 else -PATTERN_TONE)
-    centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres in [0, 1]
-    y, x = centres[:, None], centres[None, :]  # (H, 1), (1, W)
-    period, angle = scene["period"], scene["stripe_angle"]
-    if scene["pattern"] == "striped":
-        on = np.floor((x * math.cos(angle) + y * math.sin(angle)) / period) % 2 == 1  # (H, W)
-    elif scene["pattern"] == "checkered":
-        on = (np.floor(x / period) + np.floor(y / period)) % 2 == 1
-    else:
-        on = np.zeros((size, size), dtype=bool)
-    noise = torch.randn(size, size, 1, generator=_generator(scene["seed"])).numpy() * BACKGROUND_NOISE[scene["pattern"]]
-    img = np.where(on[..., None], other, base) + noise  # (H, W, 3) float32
-    for obj in reversed(scene["objects"]):  # the main object last, on top
-        alpha = _object_alpha(obj, size)[..., None]  # (H, W, 1)
-        img = img * (1 - alpha) + np.array(COLORS[obj["color"]], dtype=np.float32) * alpha
-    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
-
-
-# -----------------------------------------------------------------------------
-# 4. Readers of real data. Map-style readers (folder, jsonl, imagenet) have __len__/__getitem__; tar shards
-# stream. A bad sample raises UnreadableSample; the loaders skip it, count it and warn at a limited rate.
-
-
-class UnreadableSample(Exception):
-    """A sample that cannot be used (corrupt image, missing or empty caption); loaders skip and count it."""
-
-
-class SkipCounter:
-    """Counts skipped samples of one reader and prints a warning at most every `interval` seconds (per process)."""
-
-    def __init__(self, name, interval=30.0):
-        self.name, self.interval, self.count, self._last = name, interval, 0, -math.inf
-
-    def __call__(self, what, why):
-        self.count += 1
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            print(f"data[{self.name}]: skipped {what}: {why} ({self.count} skipped so far in process {os.getpid()})",
-                  file=sys.stderr, flush=True)
-
-
-def _open_rgb(source):
-    """Decode an image file (path or file object) to PIL RGB, or raise UnreadableSample."""
-    try:
-        with Image.open(source) as im:
-            return im.convert("RGB")
-    except Exception as e:  # any decoder error (truncated, unknown format, bomb) only loses this sample
-        raise UnreadableSample(f"unreadable image ({type(e).__name__}: {e})") from None
-
-
-def _require_path(path, key):
-    if not path:
-        raise ConfigError(f"{key} is empty: set --{key}=... for this data set kind")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{key}={path!r} does not exist")
-
-
-class _ImageList:
-    """Base of the map-style readers: `items[i] = (image path, caption or label)`."""
-
-    class_names = None
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        caption = self.caption(i)  # checked first: cheaper than decoding the image
-        sample = {"image": _open_rgb(self.items[i][0]), "caption": caption}
-        if self.class_names is not None:
-            sample["label"] = self.items[i][1]
-        return sample
-
-
-class CaptionFolder(_ImageList):
-    """`root/**/name.jpg|jpeg|png|webp|bmp` with a same-name `name.txt` caption; nested folders allowed."""
-
-    def __init__(self, root, key="data.path"):
-        _require_path(root, key)
-        self.skips = SkipCounter("folder")
-        self.items, self.num_missing_caption = [], 0
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()  # deterministic order
-            names = set(filenames)
-            for name in sorted(filenames):
-                stem, ext = os.path.splitext(name)
-                if ext.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                if stem + ".txt" in names:
-                    self.items.append((os.path.join(dirpath, name), os.path.join(dirpath, stem + ".txt")))
-                else:
-                    self.num_missing_caption += 1
-        if self.num_missing_caption:
-            print(f"data[folder]: {root}: skipped {self.num_missing_caption} images without a same-name .txt caption",
-                  file=sys.stderr, flush=True)
-        if not self.items:
-            raise ConfigError(f"{key}={root!r} holds no image with a same-name .txt caption "
-                             f"({self.num_missing_caption} images without one)")
-
-    def caption(self, i):
-        try:
-            with open(self.items[i][1], encoding="utf-8", errors="replace") as f:
-                text = f.read().strip()
-        except OSError as e:
-            raise UnreadableSample(f"unreadable caption ({e})") from None
-        if not text:
-            raise UnreadableSample("empty caption")
-        return text
-
-
-class JsonlCaptions(_ImageList):
-    """A JSONL file of {"image": path, "caption": text}; relative paths are relative to the file's folder."""
-
-    def __init__(self, path, key="data.path"):
-        _require_path(path, key)
-        self.skips = SkipCounter("jsonl")
-        base = os.path.dirname(os.path.abspath(path))
-        self.items, self.num_missing_caption, self.num_bad_lines = [], 0, 0
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    image, caption = record["image"], str(record.get("caption") or "").strip()
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    self.num_bad_lines += 1
-                    continue
-                if caption:
-                    self.items.append((os.path.join(base, image), caption))
-                else:
-                    self.num_missing_caption += 1
-        if self.num_missing_caption or self.num_bad_lines:
-            print(f"data[jsonl]: {path}: skipped {self.num_missing_caption} records without a caption and "
-                  f"{self.num_bad_lines} malformed lines", file=sys.stderr, flush=True)
-        if not self.items:
-            raise ConfigError(f"{key}={path!r} holds no record with an image and a caption")
-
-    def caption(self, i):
-        return self.items[i][1]
-
-
-IMAGENET_CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.",
-                              "a close-up photo of a {}.", "a photo of the {}.", "a good photo of a {}.")
-
-
-class ImageFolderClasses(_ImageList):
-    """
-    ImageNet-style labelled folders `root/<class>/**/<image>`: label = index of the class in the sorted folder
-    names (`class_names`, underscores read as spaces), caption = "a photo of a {class}." style, by index.
-    """
-
-    def __init__(self, root, key="data.path"):
-        _require_path(root, key)
-        self.skips = SkipCounter("imagenet")
-        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.class_names = [d.replace("_", " ") for d in folders]
-        self.items = []
-        for label, folder in enumerate(folders):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
-                dirnames.sort()
-                self.items += [(os.path.join(dirpath, n), label) for n in sorted(filenames)
-                               if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
-        if not self.items:
-            raise ConfigError(f"{key}={root!r} holds no class folder with images (expected root/<class>/<image>)")
-
-    def caption(self, i):
-        name = self.class_names[self.items[i][1]]
-        return IMAGENET_CAPTION_TEMPLATES[i % len(IMAGENET_CAPTION_TEMPLATES)].format(name)
-
-
-def expand_braces(pattern):
-    """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar'] (zero padding kept); '{x,y}' lists too."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if r:
-        lo, hi = int(r.group(1)), int(r.group(2))
-        options = [str(i).zfill(len(r.group(1))) for i in range(lo, hi + 1)]
-    else:
-        options = body.split(",")
-    return [p for o in options for p in expand_braces(head + o + tail)]
-
-
-def _decode_tar_sample(files):
-    """{extension: bytes} of one key -> {"image", "caption"}, or raise UnreadableSample."""
-    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-    if ext is None:
-        raise UnreadableSample("no jpg/png/webp image")
-    caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
-    if not caption:
-        raise UnreadableSample("missing caption")
-    return {"image": _open_rgb(io.BytesIO(files[ext])), "caption": caption}
-
-
-class TarShards:
-    """
-    WebDataset-style tar shards as img2dataset writes them: members `key.jpg|png|webp` + `key.txt` (+ `key.json`,
-    ignored), grouped by key (the member name up to the first dot of its base name), read sequentially with the
-    stdlib tarfile. `pattern` is a brace pattern (`shards/{00000..01023}.tar`), one file, or a folder of .tar files.
-    Not indexable: iterate it (sorted shard order), or let the loaders split shards across ranks and workers.
-    """
-
-    class_names = None
-
-    def __init__(self, pattern, key="data.path"):
-        if not pattern:
-            raise ConfigError(f"{key} is empty: set --{key}=... for this data set kind")
-        if os.path.isdir(pattern):
-            self.urls = sorted(os.path.join(pattern, n) for n in os.listdir(pattern) if n.endswith(".tar"))
-        else:
-            self.urls = expand_braces(pattern)
-        missing = [u for u in self.urls if not os.path.isfile(u)]
-        if not self.urls or missing:
-            raise FileNotFoundError(f"{key}={pattern!r}: " + (f"{len(missing)} of {len(self.urls)} shards do not "
-                                    f"exist, e.g. {missing[0]!r}" if missing else "no .tar shards found"))
-        self.skips = SkipCounter("tar")
-
-    holdout, role = 0, "all"  # set by held_out(): the first `holdout` samples of shard 0 are validation data
-
-    def read_shard(self, shard, start=0):
-        """Yield (k, key, {ext: bytes}) for key groups k >= start of shard `shard`, in stored order (without a
-        held-out slice for the training view, only it for the validation view)."""
-        if shard == 0 and self.role == "train":
-            start = max(start, self.holdout)
-        stop = self.holdout if self.role == "val" else None
-        for k, key, files in self._read_shard(shard, start):
-            if stop is not None and k >= stop:
-                return
-            yield k, key, files
-
-    def _read_shard(self, shard, start=0):
-        url, key, files, k = self.urls[shard], None, {}, -1
-        try:
-            with tarfile.open(url, "r|*") as tar:  # streaming mode: one sequential pass, works on pipes
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    slash = member.name.rfind("/") + 1
-                    dot = member.name.find(".", slash)
-                    name, ext = (member.name, "") if dot < 0 else (member.name[:dot], member.name[dot + 1:].lower())
-                    if name != key:
-                        if key is not None and k >= start:
-                            yield k, key, files
-                        key, files, k = name, {}, k + 1
-                    if k >= start:  # groups before `start` are skipped without reading their data
-                        files[ext] = tar.extractfile(member).read()
-            if key is not None and k >= start:
-                yield k, key, files
-        except (tarfile.TarError, OSError, EOFError) as e:
-            self.skips(url, f"unreadable tar shard, rest of it skipped ({type(e).__name__}: {e})")
-
-    def stream(self, epoch, reader, num_readers, seed, start=(0, 0)):
-        """
-        The samples of reader `reader` of `num_readers` (rank * workers_per_rank + worker) in `epoch`: shards in a
-        per-epoch random order, reader r takes shards r, r + num_readers, ... (or, with fewer shards than readers,
-        every shard and the key groups k of shard s with (k + s) % num_readers == r). Every sample goes to exactly
-        one reader.
-        Yields (cursor, k, shard, sample or None if skipped) from position start = (cursor, k) on.
-        """
-        order = torch.randperm(len(self.urls), generator=_generator(_seed("shards", seed, epoch))).tolist()
-        mine, stride = (order[reader::num_readers], 1) if len(order) >= num_readers else (order, num_readers)
-        for cursor in range(start[0], len(mine)):
-            first = start[1] if cursor == start[0] else 0
-            for k, key, files in self.read_shard(mine[cursor], first):
-                if (k + mine[cursor]) % stride != reader % stride:
-                    continue
-                try:
-                    sample = _decode_tar_sample(files)
-                except UnreadableSample as e:
-                    self.skips(f"{self.urls[mine[cursor]]}:{key}", e)
-                    sample = None
-                yield cursor, k, mine[cursor], sample
-
-    def __iter__(self):
-        """Every usable sample once, shards in sorted order."""
-        for shard in range(len(self.urls)):
-            for _, key, files in self.read_shard(shard):
-                try:
-                    yield _decode_tar_sample(files)
-                except UnreadableSample as e:
-                    self.skips(f"{self.urls[shard]}:{key}", e)
-
-    def captions(self, n):
-        """The first n non-empty captions (no image decoding)."""
-        out = []
-        for shard in range(len(self.urls)):
-            for _, _, files in self.read_shard(shard):
-                text = files.get("txt", b"").decode("utf-8", errors="replace").strip()
-                if text:
-                    out.append(text)
-                if len(out) >= n:
-                    return out
-        return out
-
-
-def _check_usable(dataset, key):
-    """Fail at start-up when none of the first CHECK_SAMPLES samples can be read."""
-    errors = []
-    if isinstance(dataset, TarShards):
-        for shard in range(len(dataset.urls)):
-            for _, _, files in dataset.read_shard(shard):
-                try:
-                    return _decode_tar_sample(files)
-                except UnreadableSample as e:
-                    errors.append(str(e))
-                if len(errors) >= CHECK_SAMPLES:
-                    break
-    else:
-        for i in range(min(len(dataset), CHECK_SAMPLES)):
-            try:
-                return dataset[i]
-            except UnreadableSample as e:
-                errors.append(str(e))
-    raise ConfigError(f"{key}: none of the first {len(errors)} samples is usable (last error: "
-                     f"{errors[-1] if errors else 'no samples'})")
-
-
-# -----------------------------------------------------------------------------
-# 5. DINOv2 multi-crop, iBOT block masks and the batch collate (Method §1.2, §5).
+# 2. DINOv2 multi-crop, iBOT block masks and the batch collate (Method §1.2, §5).
 
 
 def local_crop_size(cfg):
@@ -1102,7 +339,7 @@ class BatchMaker:
 
 
 # -----------------------------------------------------------------------------
-# 6. Loaders. The pre-training stream is made of whole batches, each built in one worker; the main process keeps
+# 3. Loaders. The pre-training stream is made of whole batches, each built in one worker; the main process keeps
 # the position of the last batch it handed out, so a checkpoint stores exactly where the next batch starts.
 
 
@@ -1452,3 +689,766 @@ def build_eval_loader(cfg, split, image_size, batch_size, rank=0, world_size=1, 
     """
     dataset = build_dataset(cfg, split, image_size)
     return EvalLoader(dataset, image_size, batch_size, rank, world_size, max_images, cfg.data.num_workers, squash)
+
+
+# -----------------------------------------------------------------------------
+# 4. Text tokenizer: byte-level BPE, trained from scratch or loaded from CLIP's merges file.
+
+# Pre-tokenization with the stdlib `re` (no \p{..} classes): [^\W\d_] = letters, \d = digits,
+# (?:[^\s\w]|_) = everything else that is not whitespace. ASCII behaves exactly like the \p{L}/\p{N} originals.
+_BYTE_SPLIT = re.compile(r"""'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")  # GPT-2 style
+_CLIP_SPLIT = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""",
+                         re.IGNORECASE)
+_CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+CLIP_NUM_MERGES = 49408 - 256 - 256 - 2  # CLIP uses the first 48894 merges of bpe_simple_vocab_16e6.txt.gz
+
+# CLIP's byte order (its bytes_to_unicode): printable bytes first, keeping their own character, then the other 68
+# bytes, which get the characters chr(256 + n). A byte's token id is its rank in this order (+256 at a word end).
+_PRINTABLE = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+CLIP_BYTE_ORDER = _PRINTABLE + [b for b in range(256) if b not in _PRINTABLE]
+_CLIP_CHARS = [chr(b) if r < len(_PRINTABLE) else chr(256 + r - len(_PRINTABLE)) for r, b in enumerate(CLIP_BYTE_ORDER)]
+_CLIP_RANK = {b: r for r, b in enumerate(CLIP_BYTE_ORDER)}  # byte -> its CLIP token id
+
+
+def _merge(ids, pair, new_id):
+    """Replace every non-overlapping occurrence of `pair` in `ids`, left to right, by `new_id`."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _clip_clean(text):
+    """CLIP's text cleanup without ftfy: HTML unescape (twice), collapse whitespace, lower-case."""
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class BPETokenizer:
+    """
+    Byte-level BPE (minbpe-style), in one of two kinds with one interface:
+
+      kind="bytes": our own, trained on captions (`train`). Ids 0..255 are the bytes, 256.. the merges in order.
+        Case and whitespace are kept, so decode(encode(s)) == s for any string.
+      kind="clip": OpenAI CLIP's vocabulary (`from_clip_merges`). Ids 0..255 are bytes inside a word and 256..511
+        the same bytes ending a word (CLIP's `</w>`), 512.. the merges; text is cleaned and lower-cased first, and
+        decode puts a space after every word.
+
+    In both, start = vocab_size - 2 and end = vocab_size - 1: the end token has the largest id, because the text
+    tower pools at the argmax token id (Method §4). `tokenizer(texts)` gives (B, context_length) int64 rows
+    [start, ids..., end, 0, 0, ...], truncated so the end token is always kept. Picklable (loader workers) and
+    saved in checkpoints through `state_dict()` / `tokenizer_from_state()`.
+    """
+
+    def __init__(self, vocab_size=1024, context_length=32, merges=(), kind="bytes"):
+        if kind not in ("bytes", "clip"):
+            raise ValueError(f"tokenizer kind must be 'bytes' or 'clip', got {kind!r}")
+        self.kind, self.vocab_size, self.context_length = kind, vocab_size, context_length
+        self.sot_id, self.eot_id = vocab_size - 2, vocab_size - 1
+        self.base = 256 if kind == "bytes" else 512  # id of the first merge
+        if vocab_size < self.base + 2 + len(merges) or context_length < 2:
+            raise ValueError(f"vocab_size={vocab_size} is too small for {len(merges)} merges of a '{kind}' BPE "
+                             f"(needs >= {self.base + 2 + len(merges)}), or context_length={context_length} < 2")
+        self._set_merges([tuple(p) for p in merges])
+
+    def _set_merges(self, merges):
+        self.merges = merges
+        self.ranks = {pair: self.base + i for i, pair in enumerate(merges)}  # pair -> new id; lower id merges first
+        if self.kind == "bytes":
+            self.vocab = {i: bytes([i]) for i in range(256)}
+        else:
+            self.vocab = {r: bytes([b]) for r, b in enumerate(CLIP_BYTE_ORDER)}
+            self.vocab.update({256 + r: bytes([b]) + b" " for r, b in enumerate(CLIP_BYTE_ORDER)})  # `</w>` = space
+        for (a, b), idx in self.ranks.items():
+            self.vocab[idx] = self.vocab[a] + self.vocab[b]
+        self._cache = {}  # pre-token -> ids
+
+    # --- training (kind="bytes") ---
+
+    def train(self, texts):
+        """
+        Learn vocab_size - 258 merges from `texts` (minbpe's algorithm on pre-tokenized chunks, counted once per
+        distinct chunk; pair counts are updated incrementally so a few thousand captions take about a second).
+        Deterministic: every rank that trains on the same captions gets the same tokenizer.
+        """
+        assert self.kind == "bytes", "only the byte-level kind is trained; CLIP's merges are loaded"
+        chunks = Counter(c for t in texts for c in _BYTE_SPLIT.findall(t))
+        words = [list(c.encode("utf-8")) for c in chunks]
+        freqs = list(chunks.values())
+        stats, where = Counter(), defaultdict(set)  # pair -> weighted count, pair -> indices of words holding it
+        for w, ids in enumerate(words):
+            for pair in zip(ids, ids[1:]):
+                stats[pair] += freqs[w]
+                where[pair].add(w)
+        merges = []
+        for new_id in range(256, self.vocab_size - 2):
+            if not stats:
+                break  # every chunk is a single token already
+            pair = max(stats, key=stats.get)  # ties: the first inserted, deterministic
+            merges.append(pair)
+            for w in sorted(where.pop(pair)):
+                old = words[w]
+                for p in zip(old, old[1:]):
+                    stats[p] -= freqs[w]
+                    if stats[p] == 0:
+                        del stats[p]
+                words[w] = _merge(old, pair, new_id)
+                for p in zip(words[w], words[w][1:]):
+                    stats[p] += freqs[w]
+                    where[p].add(w)
+            stats.pop(pair, None)
+        self._set_merges(merges)
+        return self
+
+    # --- CLIP vocabulary ---
+
+    @classmethod
+    def from_clip_merges(cls, path, context_length=77):
+        """Load CLIP's `bpe_simple_vocab_16e6.txt.gz` (or any file in its format: a header line, then `a b` merges)."""
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1:1 + CLIP_NUM_MERGES]  # line 0 is a version header
+        ids = {ch: r for r, ch in enumerate(_CLIP_CHARS)}
+        ids.update({ch + "</w>": 256 + r for r, ch in enumerate(_CLIP_CHARS)})
+        merges = []
+        for lineno, line in enumerate(lines, 2):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or parts[0] not in ids or parts[1] not in ids:
+                raise ValueError(f"{path}:{lineno}: expected a merge 'a b' of known tokens, got {line!r}")
+            merges.append((ids[parts[0]], ids[parts[1]]))
+            ids[parts[0] + parts[1]] = 512 + len(merges) - 1
+        return cls(512 + len(merges) + 2, context_length, merges, kind="clip")
+
+    # --- encoding and decoding ---
+
+    def _pre_tokens(self, text):
+        if self.kind == "bytes":
+            return _BYTE_SPLIT.findall(text)
+        return _CLIP_SPLIT.findall(_clip_clean(text))
+
+    def _bpe(self, chunk):
+        """Ids of one pre-token: start from its bytes, apply the lowest-ranked merge until none applies."""
+        if self.kind == "clip" and chunk in _CLIP_SPECIAL:
+            return [self.sot_id if chunk == _CLIP_SPECIAL[0] else self.eot_id]
+        if self.kind == "bytes":
+            ids = list(chunk.encode("utf-8"))
+        else:
+            ids = [_CLIP_RANK[b] for b in chunk.encode("utf-8")]
+            ids[-1] += 256  # the last byte of a word carries `</w>`
+        while len(ids) >= 2:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            ids = _merge(ids, pair, self.ranks[pair])
+        return ids
+
+    def encode(self, text):
+        """str -> list of token ids (no start / end tokens)."""
+        out = []
+        for chunk in self._pre_tokens(text):
+            ids = self._cache.get(chunk)
+            if ids is None:
+                if len(self._cache) > 100_000:
+                    self._cache.clear()
+                ids = self._cache[chunk] = self._bpe(chunk)
+            out.extend(ids)
+        return out
+
+    def decode(self, ids):
+        """list of token ids -> str. Stops at the end token and drops ids without bytes (start token, unused ids),
+        so a padded row from __call__ decodes to its text."""
+        parts = []
+        for i in ids:
+            i = int(i)
+            if i == self.eot_id:
+                break
+            parts.append(self.vocab.get(i, b""))
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    def __call__(self, texts):
+        """list[str] (or one str) -> LongTensor (B, context_length): start, ids, end, then zero padding."""
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_id] + self.encode(text)[: self.context_length - 2] + [self.eot_id]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+    # --- persistence ---
+
+    def state_dict(self):
+        """Plain python types (fits in a `weights_only` torch checkpoint); rebuild with `tokenizer_from_state`."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "context_length": self.context_length,
+                "merges": [list(p) for p in self.merges]}
+
+
+def tokenizer_from_state(state):
+    """Rebuild a tokenizer from `BPETokenizer.state_dict()` (e.g. `ckpt["tokenizer"]`)."""
+    return BPETokenizer(state["vocab_size"], state["context_length"], state["merges"], state["kind"])
+
+
+# -----------------------------------------------------------------------------
+# 5. Built-in data: procedurally drawn captioned scenes. Scene `index` of a split is a pure function of
+# (seed, split, index); drawing works at any size. Label = the main object's shape.
+
+# Shapes that stay distinct at 32 px: a hexagon was the first choice, but at 15 px it is a circle [ours].
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart")
+SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
+               "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"),
+               "cross": ("cross", "plus sign"),
+               "ring": ("ring", "hoop"), "heart": ("heart",)}
+COLORS = {"red": (220, 38, 38), "orange": (245, 140, 30), "yellow": (245, 215, 40), "green": (40, 170, 70),
+          "cyan": (40, 200, 215), "blue": (40, 80, 220), "purple": (140, 60, 190), "pink": (245, 130, 190),
+          "brown": (125, 80, 40), "white": (245, 245, 245)}
+BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 235, 235), "beige": (225, 205, 160)}
+PATTERNS = {"plain": 0.55, "noisy": 0.15, "striped": 0.15, "checkered": 0.15}  # probabilities; plain has a faint grain
+MIN_CONTRAST = 130  # RGB distance an object colour keeps from the background colour
+SIZES = {"tiny": (0.18, 0.28), "small": (0.55, 0.65), "medium": (0.65, 0.75), "large": (0.75, 0.88)}  # diameter/side
+# The labelled object spans >= 55% of the side and most backgrounds are plain, so that a tiny ViT can learn shape at
+# 32 px within the default budget [ours] (objects of 40-80% on mostly patterned backgrounds were much slower to learn).
+MAIN_SIZES = ("small", "medium", "large")
+SIZE_WORDS = {"tiny": ("tiny", "very small"), "small": ("small", "little"), "medium": ("medium", "medium-sized"),
+              "large": ("large", "big")}
+POSITION_PHRASES = {  # the 3x3 cell of an object's centre, row-major
+    "top left": ("in the top left corner", "at the top left"), "top": ("at the top", "near the top edge"),
+    "top right": ("in the top right corner", "at the top right"), "left": ("on the left", "at the left side"),
+    "centre": ("in the centre", "in the middle", "near the center"), "right": ("on the right", "at the right side"),
+    "bottom left": ("in the bottom left corner", "at the bottom left"),
+    "bottom": ("at the bottom", "near the bottom edge"),
+    "bottom right": ("in the bottom right corner", "at the bottom right")}
+POSITIONS = tuple(POSITION_PHRASES)
+SECOND_OBJECT_P = 0.25  # scenes with a tiny second object (drawn beneath the main one, so it never hides it)
+# Captions name the main object's shape always and every other attribute only sometimes, as alt-text does [ours].
+# A caption that leaves out the colour fits every colour of its shape, so many of its in-batch negatives differ from
+# it only in shape: InfoNCE cannot be solved by colour alone (with every attribute named, under 2% of images had a
+# batch-mate differing only in shape). `shape_only_negative_share` measures this on a batch.
+MENTION_P = {"size": 0.3, "color": 0.5, "position": 0.3, "background": 0.25, "second": 0.5}
+CAPTION_PREFIXES = ("", "", "there is ", "a picture of ", "a drawing of ", "an image of ")
+SECOND_OBJECT_JOINS = (" and {o2}", ", with {o2}", " next to {o2}")
+RING_INNER, STAR_INNER, DIAMOND_WIDTH, CROSS_ARM = 0.55, 0.45, 0.62, 0.33  # shape proportions (of the radius)
+BACKGROUND_NOISE = {"plain": 4.0, "noisy": 28.0, "striped": 4.0, "checkered": 4.0}  # grain std, 0..255 scale
+PATTERN_TONE = 45  # brightness step of the second tone of stripes and checks
+
+
+def _seed(*parts):
+    """A 63-bit integer that is a pure function of `parts` (stable across processes and runs, unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _with_article(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _cell(cx, cy):
+    """Name of the 3x3 cell holding the point (cx, cy) in [0, 1]^2."""
+    return POSITIONS[3 * min(int(cy * 3), 2) + min(int(cx * 3), 2)]
+
+
+def _far(a, b):
+    return math.dist(a, b) >= MIN_CONTRAST
+
+
+class BuiltinScenes:
+    """
+    The default data set: `size` captioned scenes of the `split` ("train" or "val"), drawn at image_size x
+    image_size on the fly. A scene is a textured background (plain / noisy / striped / checkered, 4 colours) with a
+    main object (8 shapes, 10 colours, 3 sizes >= 55% of the side, anywhere) and sometimes a tiny second object;
+    its caption names the main shape always and the other attributes sometimes (`MENTION_P`), with synonyms; the
+    names it uses are kept in the scene's "mentions". Train and val scenes are disjoint: the
+    split name is part of every scene's seed. Samples: {"image": PIL RGB, "caption": str, "label": shape index}.
+    """
+
+    def __init__(self, split="train", image_size=32, size=1_000_000, seed=0):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.split, self.image_size, self.size, self.seed = split, image_size, size, seed
+        self.class_names = list(SHAPES)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.size:
+            raise IndexError(f"scene {index} out of range [0, {self.size})")
+        scene = self.scene(index)
+        return {"image": draw_scene(scene, self.image_size), "caption": scene["caption"], "label": scene["label"]}
+
+    def caption(self, index):
+        return self.scene(index)["caption"]
+
+    def scene(self, index):
+        """The attributes of scene `index` (no drawing): background, objects (main first), caption, label."""
+        g = _generator(_seed("builtin", self.seed, self.split, index))
+        u = iter(torch.rand(96, generator=g).tolist())
+        pick = lambda options: options[min(int(next(u) * len(options)), len(options) - 1)]  # noqa: E731
+
+        def pick_weighted(probs):  # one draw, like pick: the key of `probs` whose cumulative share covers it
+            x, total = next(u), 0.0
+            for key, p in probs.items():
+                total += p
+                if x < total:
+                    return key
+            return key
+
+        def new_object(sizes, colors):
+            size = pick(sizes)
+            lo, hi = SIZES[size]
+            radius = (lo + (hi - lo) * next(u)) / 2
+            return {"shape": pick(SHAPES), "color": pick(colors), "size": size, "radius": radius,
+                    "angle": (next(u) - 0.5) * math.pi / 6}  # +-15 degrees: a square never turns into a diamond
+
+        def place(obj):
+            obj["cx"], obj["cy"] = (obj["radius"] + (1 - 2 * obj["radius"]) * next(u) for _ in range(2))
+
+        main = new_object(MAIN_SIZES, tuple(COLORS))
+        place(main)
+        background = pick([b for b in BACKGROUNDS if _far(BACKGROUNDS[b], COLORS[main["color"]])])
+        objects = [main]
+        if next(u) < SECOND_OBJECT_P:
+            second = new_object(("tiny",), [c for c in COLORS if _far(COLORS[c], BACKGROUNDS[background])])
+            spots = [(r + (1 - 2 * r) * next(u), r + (1 - 2 * r) * next(u)) for r in [second["radius"]] * 4]
+            second["cx"], second["cy"] = max(spots, key=lambda s: math.dist(s, (main["cx"], main["cy"])))
+            objects.append(second)
+        for obj in objects:
+            obj["position"] = _cell(obj["cx"], obj["cy"])
+        scene = {"index": index, "split": self.split, "seed": _seed("pixels", self.seed, self.split, index),
+                 "background": background, "pattern": pick_weighted(PATTERNS), "period": 0.1 + 0.15 * next(u),
+                 "stripe_angle": next(u) * math.pi, "objects": objects, "label": SHAPES.index(main["shape"])}
+        scene["caption"], scene["mentions"] = self._caption(scene, u, pick)
+        return scene
+
+    @staticmethod
+    def _caption(scene, u, pick):
+        """The caption and the attributes it names (`MENTION_P`): "a red star in the top left corner", "a heart"."""
+        said = {k for k, p in MENTION_P.items() if next(u) < p}  # one draw per attribute, always all drawn
+        if len(scene["objects"]) == 1:
+            said.discard("second")
+        main = scene["objects"][0]
+        words = [pick(SIZE_WORDS[main["size"]])] if "size" in said else []
+        words += [main["color"]] if "color" in said else []
+        text = pick(CAPTION_PREFIXES) + _with_article(" ".join(words + [pick(SHAPE_WORDS[main["shape"]])]))
+        if "position" in said:
+            text += " " + pick(POSITION_PHRASES[main["position"]])
+        if "second" in said:
+            second = scene["objects"][1]
+            words2 = [pick(SIZE_WORDS[second["size"]]), second["color"], pick(SHAPE_WORDS[second["shape"]])]
+            o2 = _with_article(" ".join(words2))
+            text += pick(SECOND_OBJECT_JOINS).format(o2=o2)
+        if "background" in said:
+            pattern = "" if scene["pattern"] == "plain" else scene["pattern"] + " "
+            text += " on " + _with_article(f"{pattern}{scene['background']} background")
+        return text, sorted(said)
+
+
+def caption_fits(scene, other):
+    """
+    Whether `scene`'s caption describes `other` in everything but the main object's shape: the same value for each
+    attribute the caption names (main object's size, colour, position; background and pattern; the second object's
+    size, colour and shape). With a different main shape, `other` is then a shape-only negative for that caption.
+    """
+    a, b = scene["objects"][0], other["objects"][0]
+    said = scene["mentions"]
+    if any(k in said and a[k] != b[k] for k in ("size", "color", "position")):
+        return False
+    if "background" in said and (scene["background"], scene["pattern"]) != (other["background"], other["pattern"]):
+        return False
+    if "second" in said:
+        if len(other["objects"]) < 2:
+            return False
+        s, t = scene["objects"][1], other["objects"][1]
+        return all(s[k] == t[k] for k in ("size", "color", "shape"))
+    return True
+
+
+def shape_only_negative_share(scenes):
+    """
+    Share of the ordered pairs (i, j != i) of a batch of `BuiltinScenes.scene()` dicts in which j's main shape
+    differs from i's and i's caption fits j otherwise (`caption_fits`): the negatives CLIP can only reject by shape.
+    """
+    n = len(scenes)
+    hard = sum(a["label"] != b["label"] and caption_fits(a, b)
+               for i, a in enumerate(scenes) for j, b in enumerate(scenes) if i != j)
+    return hard / max(1, n * (n - 1))
+
+
+def _regular(n, start, radii=(1.0,)):
+    """n unit-polygon vertices at angles start + 2*pi*k/n, with radii cycling through `radii` (a star alternates)."""
+    return [(radii[k % len(radii)] * math.cos(start + 2 * math.pi * k / n),
+             radii[k % len(radii)] * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
+
+
+def _heart(n=40):
+    """n vertices of the classic heart curve (16 sin^3 t, 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t), centred on its
+    bounding box and scaled to circumradius 1, y pointing down."""
+    pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+           for t in (2 * math.pi * k / n for k in range(n))]
+    cy = (max(y for _, y in pts) + min(y for _, y in pts)) / 2
+    r = max(math.hypot(x, y - cy) for x, y in pts)
+    return [(x / r, (y - cy) / r) for x, y in pts]
+
+
+_A = CROSS_ARM
+UNIT_POLYGONS = {  # vertices of the polygonal shapes with circumradius 1, y pointing down
+    "square": _regular(4, math.pi / 4), "triangle": _regular(3, -math.pi / 2), "heart": _heart(),
+    "star": _regular(10, -math.pi / 2, (1.0, STAR_INNER)),
+    "diamond": [(0, -1), (DIAMOND_WIDTH, 0), (0, 1), (-DIAMOND_WIDTH, 0)],
+    "cross": [(-_A, -1), (_A, -1), (_A, -_A), (1, -_A), (1, _A), (_A, _A), (_A, 1), (-_A, 1), (-_A, _A), (-1, _A),
+              (-1, -_A), (-_A, -_A)]}
+
+
+def _shape_polygon(shape, cx, cy, r, angle):
+    """Vertices (x, y) of a polygonal shape of circumradius r centred at (cx, cy), rotated by `angle`."""
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in UNIT_POLYGONS[shape]]
+
+
+def _object_alpha(obj, size):
+    """Anti-aliased coverage (size, size) in [0, 1] of one object: drawn supersampled, then box-averaged."""
+    ss = 4 if size <= 128 else 2
+    big = size * ss
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy, r = obj["cx"] * big, obj["cy"] * big, obj["radius"] * big
+    if obj["shape"] in ("circle", "ring"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if obj["shape"] == "ring":
+            ri = RING_INNER * r
+            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
+    else:
+        draw.polygon(_shape_polygon(obj["shape"], cx, cy, r, obj["angle"]), fill=255)
+    return np.asarray(mask.reduce(ss), dtype=np.float32) / 255
+
+
+def draw_scene(scene, size):
+    """Render a `BuiltinScenes.scene()` dict as a size x size RGB PIL image."""
+    base = np.array(BACKGROUNDS[scene["background"]], dtype=np.float32)
+    other = base + (PATTERN_TONE if base.mean() < 128 else -PATTERN_TONE)
+    centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres in [0, 1]
+    y, x = centres[:, None], centres[None, :]  # (H, 1), (1, W)
+    period, angle = scene["period"], scene["stripe_angle"]
+    if scene["pattern"] == "striped":
+        on = np.floor((x * math.cos(angle) + y * math.sin(angle)) / period) % 2 == 1  # (H, W)
+    elif scene["pattern"] == "checkered":
+        on = (np.floor(x / period) + np.floor(y / period)) % 2 == 1
+    else:
+        on = np.zeros((size, size), dtype=bool)
+    noise = torch.randn(size, size, 1, generator=_generator(scene["seed"])).numpy() * BACKGROUND_NOISE[scene["pattern"]]
+    img = np.where(on[..., None], other, base) + noise  # (H, W, 3) float32
+    for obj in reversed(scene["objects"]):  # the main object last, on top
+        alpha = _object_alpha(obj, size)[..., None]  # (H, W, 1)
+        img = img * (1 - alpha) + np.array(COLORS[obj["color"]], dtype=np.float32) * alpha
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+
+
+# -----------------------------------------------------------------------------
+# 6. Readers of real data. Map-style readers (folder, jsonl, imagenet) have __len__/__getitem__; tar shards
+# stream. A bad sample raises UnreadableSample; the loaders skip it, count it and warn at a limited rate.
+
+
+class UnreadableSample(Exception):
+    """A sample that cannot be used (corrupt image, missing or empty caption); loaders skip and count it."""
+
+
+class SkipCounter:
+    """Counts skipped samples of one reader and prints a warning at most every `interval` seconds (per process)."""
+
+    def __init__(self, name, interval=30.0):
+        self.name, self.interval, self.count, self._last = name, interval, 0, -math.inf
+
+    def __call__(self, what, why):
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            print(f"data[{self.name}]: skipped {what}: {why} ({self.count} skipped so far in process {os.getpid()})",
+                  file=sys.stderr, flush=True)
+
+
+def _open_rgb(source):
+    """Decode an image file (path or file object) to PIL RGB, or raise UnreadableSample."""
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except Exception as e:  # any decoder error (truncated, unknown format, bomb) only loses this sample
+        raise UnreadableSample(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _require_path(path, key):
+    if not path:
+        raise ConfigError(f"{key} is empty: set --{key}=... for this data set kind")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}={path!r} does not exist")
+
+
+class _ImageList:
+    """Base of the map-style readers: `items[i] = (image path, caption or label)`."""
+
+    class_names = None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        caption = self.caption(i)  # checked first: cheaper than decoding the image
+        sample = {"image": _open_rgb(self.items[i][0]), "caption": caption}
+        if self.class_names is not None:
+            sample["label"] = self.items[i][1]
+        return sample
+
+
+class CaptionFolder(_ImageList):
+    """`root/**/name.jpg|jpeg|png|webp|bmp` with a same-name `name.txt` caption; nested folders allowed."""
+
+    def __init__(self, root, key="data.path"):
+        _require_path(root, key)
+        self.skips = SkipCounter("folder")
+        self.items, self.num_missing_caption = [], 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()  # deterministic order
+            names = set(filenames)
+            for name in sorted(filenames):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                if stem + ".txt" in names:
+                    self.items.append((os.path.join(dirpath, name), os.path.join(dirpath, stem + ".txt")))
+                else:
+                    self.num_missing_caption += 1
+        if self.num_missing_caption:
+            print(f"data[folder]: {root}: skipped {self.num_missing_caption} images without a same-name .txt caption",
+                  file=sys.stderr, flush=True)
+        if not self.items:
+            raise ConfigError(f"{key}={root!r} holds no image with a same-name .txt caption "
+                             f"({self.num_missing_caption} images without one)")
+
+    def caption(self, i):
+        try:
+            with open(self.items[i][1], encoding="utf-8", errors="replace") as f:
+                text = f.read().strip()
+        except OSError as e:
+            raise UnreadableSample(f"unreadable caption ({e})") from None
+        if not text:
+            raise UnreadableSample("empty caption")
+        return text
+
+
+class JsonlCaptions(_ImageList):
+    """A JSONL file of {"image": path, "caption": text}; relative paths are relative to the file's folder."""
+
+    def __init__(self, path, key="data.path"):
+        _require_path(path, key)
+        self.skips = SkipCounter("jsonl")
+        base = os.path.dirname(os.path.abspath(path))
+        self.items, self.num_missing_caption, self.num_bad_lines = [], 0, 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    image, caption = record["image"], str(record.get("caption") or "").strip()
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    self.num_bad_lines += 1
+                    continue
+                if caption:
+                    self.items.append((os.path.join(base, image), caption))
+                else:
+                    self.num_missing_caption += 1
+        if self.num_missing_caption or self.num_bad_lines:
+            print(f"data[jsonl]: {path}: skipped {self.num_missing_caption} records without a caption and "
+                  f"{self.num_bad_lines} malformed lines", file=sys.stderr, flush=True)
+        if not self.items:
+            raise ConfigError(f"{key}={path!r} holds no record with an image and a caption")
+
+    def caption(self, i):
+        return self.items[i][1]
+
+
+IMAGENET_CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.",
+                              "a close-up photo of a {}.", "a photo of the {}.", "a good photo of a {}.")
+
+
+class ImageFolderClasses(_ImageList):
+    """
+    ImageNet-style labelled folders `root/<class>/**/<image>`: label = index of the class in the sorted folder
+    names (`class_names`, underscores read as spaces), caption = "a photo of a {class}." style, by index.
+    """
+
+    def __init__(self, root, key="data.path"):
+        _require_path(root, key)
+        self.skips = SkipCounter("imagenet")
+        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.class_names = [d.replace("_", " ") for d in folders]
+        self.items = []
+        for label, folder in enumerate(folders):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+                dirnames.sort()
+                self.items += [(os.path.join(dirpath, n), label) for n in sorted(filenames)
+                               if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+        if not self.items:
+            raise ConfigError(f"{key}={root!r} holds no class folder with images (expected root/<class>/<image>)")
+
+    def caption(self, i):
+        name = self.class_names[self.items[i][1]]
+        return IMAGENET_CAPTION_TEMPLATES[i % len(IMAGENET_CAPTION_TEMPLATES)].format(name)
+
+
+def expand_braces(pattern):
+    """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar'] (zero padding kept); '{x,y}' lists too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        options = [str(i).zfill(len(r.group(1))) for i in range(lo, hi + 1)]
+    else:
+        options = body.split(",")
+    return [p for o in options for p in expand_braces(head + o + tail)]
+
+
+def _decode_tar_sample(files):
+    """{extension: bytes} of one key -> {"image", "caption"}, or raise UnreadableSample."""
+    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+    if ext is None:
+        raise UnreadableSample("no jpg/png/webp image")
+    caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+    if not caption:
+        raise UnreadableSample("missing caption")
+    return {"image": _open_rgb(io.BytesIO(files[ext])), "caption": caption}
+
+
+class TarShards:
+    """
+    WebDataset-style tar shards as img2dataset writes them: members `key.jpg|png|webp` + `key.txt` (+ `key.json`,
+    ignored), grouped by key (the member name up to the first dot of its base name), read sequentially with the
+    stdlib tarfile. `pattern` is a brace pattern (`shards/{00000..01023}.tar`), one file, or a folder of .tar files.
+    Not indexable: iterate it (sorted shard order), or let the loaders split shards across ranks and workers.
+    """
+
+    class_names = None
+
+    def __init__(self, pattern, key="data.path"):
+        if not pattern:
+            raise ConfigError(f"{key} is empty: set --{key}=... for this data set kind")
+        if os.path.isdir(pattern):
+            self.urls = sorted(os.path.join(pattern, n) for n in os.listdir(pattern) if n.endswith(".tar"))
+        else:
+            self.urls = expand_braces(pattern)
+        missing = [u for u in self.urls if not os.path.isfile(u)]
+        if not self.urls or missing:
+            raise FileNotFoundError(f"{key}={pattern!r}: " + (f"{len(missing)} of {len(self.urls)} shards do not "
+                                    f"exist, e.g. {missing[0]!r}" if missing else "no .tar shards found"))
+        self.skips = SkipCounter("tar")
+
+    holdout, role = 0, "all"  # set by held_out(): the first `holdout` samples of shard 0 are validation data
+
+    def read_shard(self, shard, start=0):
+        """Yield (k, key, {ext: bytes}) for key groups k >= start of shard `shard`, in stored order (without a
+        held-out slice for the training view, only it for the validation view)."""
+        if shard == 0 and self.role == "train":
+            start = max(start, self.holdout)
+        stop = self.holdout if self.role == "val" else None
+        for k, key, files in self._read_shard(shard, start):
+            if stop is not None and k >= stop:
+                return
+            yield k, key, files
+
+    def _read_shard(self, shard, start=0):
+        url, key, files, k = self.urls[shard], None, {}, -1
+        try:
+            with tarfile.open(url, "r|*") as tar:  # streaming mode: one sequential pass, works on pipes
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    slash = member.name.rfind("/") + 1
+                    dot = member.name.find(".", slash)
+                    name, ext = (member.name, "") if dot < 0 else (member.name[:dot], member.name[dot + 1:].lower())
+                    if name != key:
+                        if key is not None and k >= start:
+                            yield k, key, files
+                        key, files, k = name, {}, k + 1
+                    if k >= start:  # groups before `start` are skipped without reading their data
+                        files[ext] = tar.extractfile(member).read()
+            if key is not None and k >= start:
+                yield k, key, files
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.skips(url, f"unreadable tar shard, rest of it skipped ({type(e).__name__}: {e})")
+
+    def stream(self, epoch, reader, num_readers, seed, start=(0, 0)):
+        """
+        The samples of reader `reader` of `num_readers` (rank * workers_per_rank + worker) in `epoch`: shards in a
+        per-epoch random order, reader r takes shards r, r + num_readers, ... (or, with fewer shards than readers,
+        every shard and the key groups k of shard s with (k + s) % num_readers == r). Every sample goes to exactly
+        one reader.
+        Yields (cursor, k, shard, sample or None if skipped) from position start = (cursor, k) on.
+        """
+        order = torch.randperm(len(self.urls), generator=_generator(_seed("shards", seed, epoch))).tolist()
+        mine, stride = (order[reader::num_readers], 1) if len(order) >= num_readers else (order, num_readers)
+        for cursor in range(start[0], len(mine)):
+            first = start[1] if cursor == start[0] else 0
+            for k, key, files in self.read_shard(mine[cursor], first):
+                if (k + mine[cursor]) % stride != reader % stride:
+                    continue
+                try:
+                    sample = _decode_tar_sample(files)
+                except UnreadableSample as e:
+                    self.skips(f"{self.urls[mine[cursor]]}:{key}", e)
+                    sample = None
+                yield cursor, k, mine[cursor], sample
+
+    def __iter__(self):
+        """Every usable sample once, shards in sorted order."""
+        for shard in range(len(self.urls)):
+            for _, key, files in self.read_shard(shard):
+                try:
+                    yield _decode_tar_sample(files)
+                except UnreadableSample as e:
+                    self.skips(f"{self.urls[shard]}:{key}", e)
+
+    def captions(self, n):
+        """The first n non-empty captions (no image decoding)."""
+        out = []
+        for shard in range(len(self.urls)):
+            for _, _, files in self.read_shard(shard):
+                text = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+                if text:
+                    out.append(text)
+                if len(out) >= n:
+                    return out
+        return out
+
+
+def _check_usable(dataset, key):
+    """Fail at start-up when none of the first CHECK_SAMPLES samples can be read."""
+    errors = []
+    if isinstance(dataset, TarShards):
+        for shard in range(len(dataset.urls)):
+            for _, _, files in dataset.read_shard(shard):
+                try:
+                    return _decode_tar_sample(files)
+                except UnreadableSample as e:
+                    errors.append(str(e))
+                if len(errors) >= CHECK_SAMPLES:
+                    break
+    else:
+        for i in range(min(len(dataset), CHECK_SAMPLES)):
+            try:
+                return dataset[i]
+            except UnreadableSample as e:
+                errors.append(str(e))
+    raise ConfigError(f"{key}: none of the first {len(errors)} samples is usable (last error: "
+                     f"{errors[-1] if errors else 'no samples'})")
