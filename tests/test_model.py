@@ -476,7 +476,7 @@ def test_config_dict_round_trip():
     (["--encoder.image_size=30"], "encoder.image_size=30: must be a positive multiple of encoder.patch_size=4"),
     (["--encoder.num_heads=5"], "encoder.num_heads=5: must divide encoder.width=128"),
     (["--encoder.num_heads=64"], "head_dim = width/num_heads must be a multiple of 4"),
-    (["--data.ssl_batch_size=100"], "data.ssl_batch_size=100: must be <= data.batch_size=32"),
+    (["--data.ssl_batch_size=100"], "data.ssl_batch_size=100: must be <= data.batch_size=64"),
     (["--encoder.drop_path_ssl=1.5"], "encoder.drop_path_ssl=1.5: must be in"),
     (["--loss.lambda_clip=-1"], "loss.lambda_clip=-1.0: must be >= 0"),
     (["--loss.lambda_clip=0", "--loss.lambda_ssl=0", "--loss.lambda_rec=0"], "at least one of"),
