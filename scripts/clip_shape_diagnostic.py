@@ -5,7 +5,8 @@ The tiny VTP's image and text towers trained with the CLIP loss only (no SSL, no
 constant lr after a short warm-up) on cached built-in scenes. Every --every steps it prints:
 
     zs     zero-shot top-1 on val scenes with the prompts "a {shape}"
-    knn    20-NN shape accuracy of the val image features against --knn_train train images
+    knn    weighted 20-NN (DINO's, as in evaluate.py) shape accuracy of the val image features against --knn_train
+           train images
     tacc   how well the *text* features of the train captions separate the shapes (nearest class centroid)
     pcos   mean cosine between the prompt features of two different shapes (1.00 = the shape word is erased)
 
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
+from evaluate import knn_classify  # noqa: E402
 from model import VTP, Config, ConfigError, run_cli  # noqa: E402
-from pretrain import TEXT_TOWER  # noqa: E402
+from pretrain import param_groups  # noqa: E402
 
 OPTIONS = {"steps": 1200, "batch": 64, "lr": 1e-3, "text_lr_mult": 0.3, "warmup": 25, "scenes": 16000,
            "val": 500, "knn_train": 2000, "every": 100, "seed": 0}
@@ -58,7 +60,7 @@ def report(vtp, prompts, val, train_images, train_text, train_y):
     p = vtp.text_features(prompts)
     zs = ((f @ p.T).argmax(1) == yv).float().mean().item()
     fk = torch.cat([vtp.image_features(x) for x in train_images.split(500)])
-    knn = (torch.mode(train_y[(f @ fk.T).topk(20, dim=1).indices], dim=1).values == yv).float().mean().item()
+    knn = (knn_classify(fk, train_y, f, len(data.SHAPES)).argmax(1) == yv).float().mean().item()
     t = vtp.text_features(train_text)
     centroids = F.normalize(torch.stack([t[train_y == c].mean(0) for c in range(len(data.SHAPES))]), dim=-1)
     tacc = ((t @ centroids.T).argmax(1) == train_y).float().mean().item()
@@ -78,10 +80,8 @@ def main(argv):
     k = min(o["knn_train"], o["scenes"])
     torch.manual_seed(o["seed"])
     vtp = VTP(cfg)
-    text = [p for n, p in vtp.named_parameters() if n.split(".")[0] in TEXT_TOWER]
-    image = [p for n, p in vtp.named_parameters() if n.split(".")[0] not in TEXT_TOWER]
-    opt = torch.optim.AdamW([{"params": image, "mult": 1.0}, {"params": text, "mult": o["text_lr_mult"]}],
-                            lr=o["lr"], betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    groups = param_groups(vtp, cfg.optim.weight_decay, o["text_lr_mult"])  # as pretrain.py: decay split, lr_mult
+    opt = torch.optim.AdamW(groups, lr=o["lr"], betas=cfg.optim.betas, eps=cfg.optim.eps)
     gen = torch.Generator().manual_seed(o["seed"])
     t0 = time.time()
     for step in range(o["steps"] + 1):
@@ -92,7 +92,7 @@ def main(argv):
             break
         idx = torch.randint(0, len(y), (o["batch"],), generator=gen)
         for g in opt.param_groups:
-            g["lr"] = o["lr"] * g["mult"] * min(1.0, (step + 1) / o["warmup"])
+            g["lr"] = o["lr"] * g["lr_mult"] * min(1.0, (step + 1) / o["warmup"])
         loss = losses.clip_loss(vtp.image_features(x[idx]), vtp.text_features(tokens[idx]), vtp.logit_scale, 0, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import data
 from model import VTP, Config, ConfigError
+from pretrain import TEXT_TOWER
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import clip_shape_diagnostic as diag  # noqa: E402
@@ -53,7 +53,7 @@ def test_a_few_steps_run_and_the_text_tower_can_be_frozen(capsys, monkeypatch):
     torch.manual_seed(0)
     fresh = VTP(Config())
     after = dict(made[0].named_parameters())
-    text = [n for n, _ in fresh.named_parameters() if n.split(".")[0] in diag.TEXT_TOWER]
+    text = [n for n, _ in fresh.named_parameters() if n.split(".")[0] in TEXT_TOWER]
     assert len(text) > 5 and all(torch.equal(dict(fresh.named_parameters())[n], after[n]) for n in text)
     for n in ("trunk.blocks.0.attn.qkv.weight", "visual_proj.weight", "logit_scale"):  # the image side trains
         assert not torch.equal(dict(fresh.named_parameters())[n], after[n]), n
