@@ -14,7 +14,7 @@ uses its own `--dit.*` sampling flags (`num_sample_steps`, `sampler`, `cfg_scale
 
 The file reads top to bottom:
   1. the DiT (LightningDiT flavour): patch embedding, timestep and class embedders, adaLN-modulated blocks with
-     RMSNorm, SwiGLU and 2D RoPE, a zero-initialized final layer; size presets in `DiT_models`;
+     RMSNorm, SwiGLU and 2D RoPE, a zero-initialized final layer; size presets in `model.DiT_models`;
   2. `FlowMatching`: the training objective and the Euler / Heun ODE sampler with classifier-free guidance;
   3. the latent cache: the data set and its horizontal flips encoded once by the frozen tokenizer, plus the
      per-channel statistics used to normalize the latents;
@@ -49,8 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
-from model import (Attention, Config, ConfigError, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw, amp_setup, barrier,
-                   cleanup_distributed, config_summary, ema_update, load_vtp, parse_config, print0,
+from model import (Attention, Config, ConfigError, DiT_models, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw, amp_setup,
+                   barrier, cleanup_distributed, config_summary, ema_update, load_vtp, parse_config, print0,
                    resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden,
                    trim_metrics)
 
@@ -221,22 +221,8 @@ class DiT(nn.Module):
         return unpatchify(x, p, h, w)  # (B, C, H, W)
 
 
-# Size presets (LightningDiT / DiT naming), with the defaults of `--dit.lr` and `--dit.ema_decay` for each size.
-# The real sizes use the paper's lr 2e-4 and EMA 0.9999 (100k steps = 10 EMA time constants 1/(1 - decay)).
-# tiny [ours] is for the 6k-step CPU runs: EMA 0.995 (a 200-step time constant; with 0.999 the EMA of a 2k-step run
-# still weighs the zero-output initial weights by 14%) and lr 1e-3 (at batch 32 and 2e-4 the tiny DiT learns so
-# slowly that its samples ignore their class for thousands of steps).
-DiT_models = {
-    "tiny": dict(depth=6, width=128, num_heads=2, lr=1e-3, ema_decay=0.995),
-    "S": dict(depth=12, width=384, num_heads=6, lr=2e-4, ema_decay=0.9999),
-    "B": dict(depth=12, width=768, num_heads=12, lr=2e-4, ema_decay=0.9999),
-    "L": dict(depth=24, width=1024, num_heads=16, lr=2e-4, ema_decay=0.9999),
-    "XL": dict(depth=28, width=1152, num_heads=16, lr=2e-4, ema_decay=0.9999),
-}
-
-
 def build_dit(name, input_size, in_channels, num_classes, patch_size=1, seed=0):
-    """A DiT of preset `name` (a key of DiT_models) for latents (in_channels, input_size, input_size), its initial
+    """A DiT of preset `name` (a key of model.DiT_models, beside the VTP presets so the config can check it) for latents (in_channels, input_size, input_size), its initial
     weights drawn from a generator seeded with `seed`."""
     sizes = {k: v for k, v in DiT_models[name].items() if k not in ("lr", "ema_decay")}
     return DiT(input_size, in_channels, num_classes, patch_size, **sizes, seed=seed)
@@ -524,19 +510,6 @@ def prepare_latent_cache(cfg, vtp, tok_cfg, fingerprint, rank, world_size, devic
 # 4. Training
 
 
-def check_dit_config(cfg):
-    """Fail at start-up, naming the field, on DiT settings the shared validator does not cover."""
-    d = cfg.dit
-    if not 0.0 <= d.ema_decay < 1.0:
-        raise ConfigError(f"invalid config value dit.ema_decay={d.ema_decay}: must be in [0, 1) (0 = preset default)")
-    for key in ("shard_size", "grid_classes", "grid_per_class", "num_samples", "stats_images"):
-        if getattr(d, key) < 1:
-            raise ConfigError(f"invalid config value dit.{key}={getattr(d, key)}: must be >= 1")
-    if d.grad_clip < 0 or d.keep_ckpts < 0 or d.num_cache_images < 0:
-        raise ConfigError("dit.grad_clip, dit.keep_ckpts and dit.num_cache_images must be >= 0")
-    return cfg
-
-
 def train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, grad_clip, ema_decay):
     """One optimizer step: forward under autocast, backward (scaled for fp16), clip, AdamW, EMA update.
     Returns the loss dict and the gradient norm (device tensors: nothing here waits for the accelerator)."""
@@ -632,7 +605,7 @@ def main(argv=None):
     if argv[:1] == ["sample"]:
         return sample_main(argv[1:])
     # 1. config
-    cfg = check_dit_config(parse_config(argv, aliases=ALIASES))
+    cfg = parse_config(argv, aliases=ALIASES)
     d = cfg.dit
     ema_decay = d.ema_decay or DiT_models[d.model]["ema_decay"]
     lr = d.lr or DiT_models[d.model]["lr"]
@@ -781,7 +754,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
 
 def sample_main(argv=None):
     """`python train_dit.py sample ...`: PNGs and samples.npz from a DiT checkpoint, split over torchrun ranks."""
-    cfg = check_dit_config(parse_config(argv or [], aliases=ALIASES))
+    cfg = parse_config(argv or [], aliases=ALIASES)
     d = cfg.dit
     rank, world_size, _, device = setup_distributed(d.device)
     out_dir = d.sample_out or os.path.join(d.out_dir, "samples")

@@ -482,6 +482,12 @@ def test_config_dict_round_trip():
     (["--loss.lambda_clip=0", "--loss.lambda_ssl=0", "--loss.lambda_rec=0"], "at least one of"),
     (["--train.max_steps=0"], "train.max_steps=0: must be >= 1"),
     (["--dit.lr=-1e-3"], "dit.lr=-0.001: must be >= 0"),
+    (["--dit.model=XXL"], "dit.model='XXL': valid choices are tiny, S, B, L, XL"),  # the keys of DiT_models
+    (["--dit.ema_decay=1"], "dit.ema_decay=1.0: must be in"),
+    (["--dit.grid_classes=0"], "dit.grid_classes=0: must be >= 1"),
+    (["--eval.templates=fancy"], "eval.templates='fancy': valid choices are auto, clip, simple"),
+    (["--eval.num_images=1"], "eval.num_images=1: must be >= 2"),
+    (["--eval.probe_lrs=-1"], "eval.probe_lrs=.*must be learning rates >= 0"),
     (["--data.mask_ratio=0.5,0.1"], "data.mask_ratio=.*lo <= hi"),
     (["encoder.depth=3"], "unexpected argument 'encoder.depth=3'"),
 ])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import Config, ConfigError, NonFiniteLoss, VTP, load_vtp, save_checkpoint
-from train_dit import (DiT, DiT_models, FlowMatching, LatentCache, build_dit, denormalize_latents, latent_stats,
+from model import Config, ConfigError, DiT_models, NonFiniteLoss, VTP, load_vtp, save_checkpoint
+from train_dit import (DiT, FlowMatching, LatentCache, build_dit, denormalize_latents, latent_stats,
                        main, normalize_latents, patchify, prepare_latent_cache, sample_images, shift_time, time_grid,
                        tokenizer_fingerprint, unpatchify)
 import train_dit
