@@ -535,9 +535,9 @@ def probe_features(model, images, kind="cls_patch", n_blocks=1):
 
 
 def _amp(cfg, device):
-    """An autocast region for the tokenizer forwards: train.amp on CUDA ("auto" = bf16), fp32 on a CPU (as DiT
+    """An autocast region for the tokenizer forwards: run.amp on CUDA ("auto" = bf16), fp32 on a CPU (as DiT
     sampling)."""
-    return amp_setup(cfg.train.amp if device.type == "cuda" else "fp32", device)[0]()
+    return amp_setup(cfg.run.amp if device.type == "cuda" else "fp32", device)[0]()
 
 
 # -----------------------------------------------------------------------------
@@ -654,9 +654,9 @@ class Evaluator:
 
     def merge(self, base):
         """The evaluation config: `base` (a checkpoint's config: architecture, data) with this run's eval and
-        train sections and the explicit `--data.*`, `--loss.*` (LPIPS paths) and `--text.tokenizer` flags on top."""
+        run sections and the explicit `--data.*`, `--loss.*` (LPIPS paths) and `--text.tokenizer` flags on top."""
         cfg = copy.deepcopy(base)
-        cfg.eval, cfg.train = copy.deepcopy(self.cli.eval), copy.deepcopy(self.cli.train)
+        cfg.eval, cfg.run = copy.deepcopy(self.cli.eval), copy.deepcopy(self.cli.run)
         for key, raw in self.overrides:
             if key.split(".")[0] in ("data", "loss") or key == "text.tokenizer":
                 set_config_value(cfg, key, raw)
@@ -809,7 +809,7 @@ def run_probe(E):
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     knn = topk_accuracy(knn_classify(train_x, train_y, val_x, num_classes, e.knn_k, e.knn_temperature), val_y)
     lin = linear_probe(train_x, train_y, val_x, val_y, num_classes, lrs=e.probe_lrs, epochs=e.probe_epochs,
-                       batch_size=e.probe_batch_size, seed=e.seed)
+                       batch_size=e.probe_batch_size, seed=cfg.run.seed)
     desc = "pooled latent" if e.probe_features == "latent" else f"[CLS] of last {e.probe_blocks} + mean patch"
     return {"features": desc, "feature_dim": train_x.shape[1], "num_train": len(train_y), "num_val": len(val_y),
             "linear_top1": lin["top1"], "linear_top5": lin["top5"], "best_lr": lin["best_lr"],
@@ -941,7 +941,7 @@ def _generated_images(E):
     path = resolve_checkpoint(e.dit_ckpt, f"--dit_ckpt={e.dit_ckpt!r}: no DiT checkpoint there (train one with "
                                           "train_dit.py, or pass --gen_npz=samples.npz)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    images, indices = sample_images(path, e.num_gen, seed=e.seed, batch_size=e.batch_size, device=E.device,
+    images, indices = sample_images(path, e.num_gen, seed=E.cli.run.seed, batch_size=e.batch_size, device=E.device,
                                     num_steps=e.gen_steps or None, rank=E.rank, world_size=E.world_size,
                                     cfg_scale=e.cfg_scale if e.cfg_scale > 0 else None)
     return images, torch.from_numpy(indices % ckpt["dit_args"]["num_classes"]), ckpt, path
@@ -1069,9 +1069,9 @@ def main(argv=None):
     command, rest = argv[0], argv[1:]
     cli = parse_config(rest, aliases=ALIASES)
     overrides = _explicit_overrides(rest)
-    rank, world_size, _, device = setup_distributed(cli.train.device)
+    rank, world_size, _, device = setup_distributed(cli.run.device)
     E = Evaluator(cli, overrides, rank, world_size, device)
-    used = ("data", "eval", "train", "loss")
+    used = ("data", "eval", "run", "loss")
     ignored = [k for k, _ in overrides if k.split(".")[0] not in used and k != "text.tokenizer"]
     if ignored:
         print0(f"note: {', '.join(ignored)} ignored: the architecture comes from the checkpoint")

@@ -158,6 +158,15 @@ class OptimConfig:
 
 
 @dataclass
+class RunConfig:
+    """Where and how any stage runs (pretrain.py, train_dit.py, evaluate.py): one section, read by each script."""
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" (with a GradScaler) | "fp32"
+    compile: bool = False  # torch.compile the trained module
+    seed: int = 0  # initial weights and every torch.Generator (with rank and step); evaluation: the sampling noise
+
+
+@dataclass
 class TrainConfig:
     stage: int = 1  # 1 = joint pre-training, 2 = decoder GAN fine-tuning
     out_dir: str = "runs/pretrain"  # checkpoints, config.json, metrics.jsonl and previews go here
@@ -168,10 +177,6 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     preview_every: int = 250  # steps between reconstruction preview PNGs
     resume: bool = False  # continue from the latest checkpoint in out_dir
-    amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
-    compile: bool = False  # torch.compile the training module
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    seed: int = 0  # seed of every torch.Generator (offset by rank)
     export: str = ""  # at the end: also write the tokenizer here in the released format (config.json + safetensors)
     export_dtype: str = "fp32"  # "fp32" | "bf16" weights of the export
 
@@ -208,10 +213,6 @@ class DiTConfig:
     grid_classes: int = 8  # sample grids: classes shown (spread over all classes), one row each
     grid_per_class: int = 4  # sample grids: samples per class
     grid_cfg_scale: float = 4.0  # sample grids: guidance scale (a visual check, as in DiT's figures; 1 = none)
-    seed: int = 0  # seed of every torch.Generator (with rank and step)
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
-    compile: bool = False  # torch.compile the training module
     ckpt: str = ""  # sample: DiT checkpoint file or folder (empty = latest in out_dir)
     num_samples: int = 64  # sample: images to generate
     sample_out: str = ""  # sample: folder for the PNGs and samples.npz (empty = out_dir/samples)
@@ -230,7 +231,6 @@ class EvalConfig:
     dit_ckpt: str = ""  # gen: DiT checkpoint file or folder (--dit_ckpt); `all` skips gen without it or gen_npz
     gen_npz: str = ""  # gen: .npz of uint8 images (N, H, W, 3) under arr_0 or images, evaluated instead of sampling
     gen_steps: int = 0  # gen: ODE steps when sampling; 0 = the DiT checkpoint's dit.num_sample_steps
-    seed: int = 0  # gen: sampling seed
     ref_stats: str = ""  # gen: reference statistics .npz; empty = cached next to eval.out
     class_names: str = ""  # zero-shot: text file, one class name per line in label order; empty = the dataset's
     templates: str = "auto"  # zero-shot prompts: auto (simple for builtin, CLIP's 80 otherwise) | clip | simple
@@ -258,6 +258,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -314,7 +315,8 @@ PRESETS = {
     "L": lambda: _released_preset("L", 1024, 24, 16, 0.2),
 }
 
-# DiT size presets (LightningDiT / DiT naming; the DiT itself is in train_dit.py), with the defaults of `--dit.lr` and `--dit.ema_decay` for each size.
+# DiT size presets (LightningDiT / DiT naming; the DiT itself is in train_dit.py), with the defaults of `--dit.lr`
+# and `--dit.ema_decay` for each size.
 # The real sizes use the paper's lr 2e-4 and EMA 0.9999 (100k steps = 10 EMA time constants 1/(1 - decay)).
 # tiny [ours] is for the 6k-step CPU runs: EMA 0.995 (a 200-step time constant; with 0.999 the EMA of a 2k-step run
 # still weighs the zero-output initial weights by 14%) and lr 1e-3 (at batch 32 and 2e-4 the tiny DiT learns so
@@ -335,14 +337,12 @@ CHOICES = {
     "loss.teacher_norm": ("sinkhorn", "centering"),
     "data.dataset": ("builtin", "folder", "jsonl", "tar", "imagenet"),
     "train.stage": (1, 2),
-    "train.amp": ("auto", "bf16", "fp16", "fp32"),
-    "train.device": ("auto", "cpu", "cuda"),
+    "run.amp": ("auto", "bf16", "fp16", "fp32"),
+    "run.device": ("auto", "cpu", "cuda"),
     "train.export_dtype": ("fp32", "bf16"),
     "dit.model": tuple(DiT_models),
     "dit.patch_size": (1, 2),
     "dit.sampler": ("euler", "heun"),
-    "dit.device": ("auto", "cpu", "cuda"),
-    "dit.amp": ("auto", "bf16", "fp16", "fp32"),
     "eval.templates": ("auto", "clip", "simple"),
     "eval.probe_features": ("cls_patch", "latent"),
 }
@@ -515,7 +515,7 @@ def setup_distributed(device="auto"):
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("run.device=cuda but no CUDA device is available")
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device("cuda" if use_cuda else "cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -530,16 +530,16 @@ def setup_distributed(device="auto"):
     return rank, world_size, local_rank, dev
 
 
-def amp_setup(amp, device, key="train.amp"):
+def amp_setup(amp, device):
     """
-    The mixed precision of every stage (Method §6): amp ("auto" | "bf16" | "fp16" | "fp32", the config value of
-    `key`) -> (autocast, scaler). `autocast()` opens one autocast region (a no-op in fp32); "auto" is bf16 on CUDA and
+    The mixed precision of every stage (Method §6): amp ("auto" | "bf16" | "fp16" | "fp32", the value of run.amp)
+    -> (autocast, scaler). `autocast()` opens one autocast region (a no-op in fp32); "auto" is bf16 on CUDA and
     fp32 on CPU. fp16 needs CUDA and comes with a GradScaler; otherwise scaler is None.
     """
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
     if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"invalid config value {key}='fp16': fp16 needs CUDA (use bf16 or fp32 on CPU)")
+        raise ConfigError("invalid config value run.amp='fp16': fp16 needs CUDA (use bf16 or fp32 on CPU)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     return autocast, torch.amp.GradScaler("cuda") if amp == "fp16" else None

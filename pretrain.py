@@ -284,7 +284,7 @@ def export_if_asked(cfg: Config, vtp, tokenizer_state, rank):
 
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
     # data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
     ckpt_path = resolve_checkpoint(out_dir) if tc.resume else None
@@ -300,7 +300,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
     lr_peak = peak_lr(cfg, world_size)
     optimizer = adamw(param_groups(student, cfg.optim.weight_decay, cfg.optim.text_lr_mult), device, lr=lr_peak,
                       betas=cfg.optim.betas, eps=cfg.optim.eps)
-    autocast, scaler = amp_setup(cfg.train.amp, device)
+    autocast, scaler = amp_setup(cfg.run.amp, device)
     step = 0
     if ckpt:
         student.vtp.load_state_dict(ckpt["model"])
@@ -313,8 +313,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
         step = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
     model = DDP(student) if world_size > 1 else student
-    fwd = torch.compile(model) if tc.compile else model  # `student` stays the raw module we save and EMA from
-    teacher_fwd = torch.compile(teacher) if tc.compile else teacher  # `teacher` stays the raw module we EMA into
+    fwd = torch.compile(model) if cfg.run.compile else model  # `student` stays the raw module we save and EMA from
+    teacher_fwd = torch.compile(teacher) if cfg.run.compile else teacher  # `teacher` stays the raw module we EMA into
 
     def checkpoint(step):
         check_ranks_in_sync(student, rank, world_size)
@@ -323,7 +323,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
                      "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "step": step, "stage": 1,
                      "config": cfg.to_dict(), "tokenizer": tokenizer.state_dict(), "data": loader.state_dict(),
-                     "rng": {"seed": tc.seed, "rule": "stochastic depth from generators seeded by (seed, rank, step)"}}
+                     "rng": {"seed": cfg.run.seed,
+                             "rule": "stochastic depth from generators seeded by (seed, rank, step)"}}
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
 
     if rank == 0:
@@ -340,13 +341,13 @@ def train_stage1(cfg: Config, rank, world_size, device):
     while step < tc.max_steps:
         # Stochastic depth draws from a generator seeded by (seed, rank, step), so a resumed run draws exactly what
         # an uninterrupted one would. The data stream is a function of its position.
-        gen = step_generator(tc.seed, rank, step, device)
+        gen = step_generator(cfg.run.seed, rank, step, device)
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         for micro in range(tc.accum_steps):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
-            if tc.compile and batch["mask_indices"].numel() > 1:  # the masked count changes every step:
+            if cfg.run.compile and batch["mask_indices"].numel() > 1:  # the masked count changes every step:
                 torch._dynamo.mark_dynamic(batch["mask_indices"], 0)  # compile one graph for any count
             sync = micro == tc.accum_steps - 1 or world_size == 1  # all-reduce gradients on the last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
@@ -450,7 +451,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
     cfg.encoder, cfg.decoder, cfg.text, cfg.head = src_cfg.encoder, src_cfg.decoder, src_cfg.text, src_cfg.head
     if tc.export:
         official_config(cfg)  # an option the released format cannot hold fails now, not after training
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(cfg.run.seed)
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"])
     data_cfg = copy.deepcopy(cfg)  # stage 2 needs only the images: no local crops, the smallest SSL subset
     data_cfg.data.num_local_crops, data_cfg.data.ssl_batch_size = 0, 1
@@ -466,7 +467,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
                   weight_decay=0.0)
     opt_d = adamw(disc.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                   weight_decay=0.0)
-    autocast, scaler = amp_setup(cfg.train.amp, device)
+    autocast, scaler = amp_setup(cfg.run.amp, device)
     step = 0
     if resume_path:
         disc.load_state_dict(ckpt["discriminator"])
@@ -529,7 +530,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     if cfg.train.export and cfg.train.stage == 1:
         official_config(cfg)  # an option the released format cannot hold fails at start-up, naming it
-    rank, world_size, _, device = setup_distributed(cfg.train.device)
+    rank, world_size, _, device = setup_distributed(cfg.run.device)
     try:
         out_dir = cfg.train.out_dir if cfg.train.stage == 1 else os.path.join(cfg.train.out_dir, "stage2")
         if rank == 0:

@@ -9,8 +9,8 @@ Stage 3: a class-conditional LightningDiT trained with flow matching on frozen V
     torchrun --nproc_per_node=8 train_dit.py sample --dit.ckpt=runs/dit/ckpt_0100000.pt --dit.num_samples=50000
 
 Re-running a training command resumes from the latest `ckpt_*.pt` in `--dit.out_dir`. The `sample` sub-command
-uses its own `--dit.*` sampling flags (`num_sample_steps`, `sampler`, `cfg_scale`, `cfg_interval`, `seed`,
-`batch_size`) and writes `{sample_out or out_dir/samples}/{index:06d}.png` plus one `samples.npz` (uint8 NHWC).
+uses its own `--dit.*` sampling flags (`num_sample_steps`, `sampler`, `cfg_scale`, `cfg_interval`, `batch_size`)
+and `--run.seed` (the noise), and writes `{sample_out or out_dir/samples}/{index:06d}.png` plus one `samples.npz` (uint8 NHWC).
 
 The file reads top to bottom:
   1. the DiT (LightningDiT flavour): patch embedding, timestep and class embedders, adaLN-modulated blocks with
@@ -49,8 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, build_eval_loader, denormalize
-from model import (Attention, Config, ConfigError, DiT_models, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw, amp_setup,
-                   barrier, cleanup_distributed, config_summary, ema_update, load_vtp, parse_config, print0,
+from model import (Attention, Config, ConfigError, DiT_models, RMSNorm, RopeEmbedding, SwiGLU, Tracker, adamw,
+                   amp_setup, barrier, cleanup_distributed, config_summary, ema_update, load_vtp, parse_config, print0,
                    resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, swiglu_hidden,
                    trim_metrics)
 
@@ -222,8 +222,8 @@ class DiT(nn.Module):
 
 
 def build_dit(name, input_size, in_channels, num_classes, patch_size=1, seed=0):
-    """A DiT of preset `name` (a key of model.DiT_models, beside the VTP presets so the config can check it) for latents (in_channels, input_size, input_size), its initial
-    weights drawn from a generator seeded with `seed`."""
+    """A DiT of preset `name` (a key of model.DiT_models, beside the VTP presets so the config can check it) for
+    latents (in_channels, input_size, input_size), its initial weights drawn from a generator seeded with `seed`."""
     sizes = {k: v for k, v in DiT_models[name].items() if k not in ("lr", "ema_decay")}
     return DiT(input_size, in_channels, num_classes, patch_size, **sizes, seed=seed)
 
@@ -541,16 +541,16 @@ def decode_latents(vtp, z, mean, std, amp=None):
 
 
 @torch.no_grad()
-def save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp):
+def save_sample_grid(path, ema, fm, vtp, mean, std, d, seed, device, amp):
     """A PNG grid of EMA samples: one row per class (grid_classes spread over all classes), grid_per_class columns.
-    The noise is seeded by dit.seed, so grids of successive steps show the same starting points; guidance is
+    The noise is seeded by run.seed, so grids of successive steps show the same starting points; guidance is
     dit.grid_cfg_scale (4 by default, as in DiT's sample figures; the `sample` command and FID use dit.cfg_scale, 1
     by default as in the paper's headline numbers). Images smaller than 128 px are enlarged (nearest neighbour) so
     that 32 px CPU samples can be seen."""
     n_cls = min(d.grid_classes, ema.num_classes)
     classes = torch.linspace(0, ema.num_classes - 1, n_cls).round().long()
     y = classes.repeat_interleave(d.grid_per_class).to(device)  # (rows * cols,)
-    g = torch.Generator().manual_seed(d.seed)
+    g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(y), ema.in_channels, ema.input_size, ema.input_size, generator=g).to(device)
     with amp():
         z = fm.sample(ema, noise, y, d.num_sample_steps, d.sampler, d.time_shift, d.grid_cfg_scale, d.cfg_interval)
@@ -610,8 +610,8 @@ def main(argv=None):
     ema_decay = d.ema_decay or DiT_models[d.model]["ema_decay"]
     lr = d.lr or DiT_models[d.model]["lr"]
     # 2. compute setup
-    rank, world_size, local_rank, device = setup_distributed(d.device)
-    amp, scaler = amp_setup(d.amp, device, "dit.amp")  # amp() opens an autocast region
+    rank, world_size, local_rank, device = setup_distributed(cfg.run.device)
+    amp, scaler = amp_setup(cfg.run.amp, device)  # amp() opens an autocast region
     print0(config_summary(cfg, "the checkpoints"))
     os.makedirs(d.out_dir, exist_ok=True)
     # 3. tokenizer, resume checkpoint, latent cache
@@ -623,11 +623,11 @@ def main(argv=None):
     resume, ckpt = find_resume_checkpoint(d, fingerprint)
     num_classes = dataset_num_classes(cfg)
     cache = prepare_latent_cache(cfg, vtp, tok_cfg, fingerprint, rank, world_size, device, amp)
-    sampler = EpochSampler(len(cache), d.batch_size, rank, world_size, d.seed)
+    sampler = EpochSampler(len(cache), d.batch_size, rank, world_size, cfg.run.seed)
     # 4. model, EMA, objective
     dit_args = dict(name=d.model, input_size=grid, in_channels=tok_cfg.encoder.latent_dim,
                     num_classes=num_classes, patch_size=d.patch_size)
-    dit = build_dit(**dit_args, seed=d.seed).to(device)
+    dit = build_dit(**dit_args, seed=cfg.run.seed).to(device)
     ema = copy.deepcopy(dit).requires_grad_(False).eval()
     fm = FlowMatching(num_classes, d.t_mu, d.t_sigma, d.cos_weight, d.class_dropout)
     print0(f"DiT-{d.model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, latents "
@@ -640,7 +640,7 @@ def main(argv=None):
     if ckpt is not None:
         print0(f"resumed from {resume} at step {step}")
     model = DDP(dit, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else dit
-    model = torch.compile(model) if d.compile else model
+    model = torch.compile(model) if cfg.run.compile else model
     mean, std = cache.mean.to(device), cache.std.to(device)
 
     def state(step):
@@ -650,17 +650,18 @@ def main(argv=None):
                 "tokenizer": {"path": d.tokenizer, "abs_path": os.path.abspath(d.tokenizer),
                               "file": tokenizer_file(d.tokenizer), "fingerprint": fingerprint},
                 "data_position": sampler.position(step),
-                "rng": {"seed": d.seed, "world_size": world_size, "rule": "generators seeded by (seed, rank, step)"}}
+                "rng": {"seed": cfg.run.seed, "world_size": world_size,
+                        "rule": "generators seeded by (seed, rank, step)"}}
 
     # 6. training loop
     pbar = tqdm(total=d.max_steps, initial=step, desc="DiT", disable=rank != 0, dynamic_ncols=True)
     tracker, last_ckpt = Tracker(world_size, step), resume
     while step < d.max_steps:
         pos = sampler.indices(step)
-        flip = torch.rand(len(pos), generator=step_generator(d.seed, rank, step, "cpu", stream=1)) < 0.5
+        flip = torch.rand(len(pos), generator=step_generator(cfg.run.seed, rank, step, "cpu", stream=1)) < 0.5
         x = normalize_latents(cache.gather(pos, flip).to(device), mean, std)  # (B, C, h, w)
         y = cache.labels[pos].to(device)
-        gen = step_generator(d.seed, rank, step, device)
+        gen = step_generator(cfg.run.seed, rank, step, device)
         losses, grad_norm = train_step(model, dit, ema, fm, opt, scaler, x, y, gen, amp, d.grad_clip, ema_decay)
         step += 1
         pbar.update(1)
@@ -671,7 +672,7 @@ def main(argv=None):
         t1 = time.time()
         if (step % d.sample_every == 0 or last) and rank == 0:
             path = os.path.join(d.out_dir, f"samples_{step:07d}.png")
-            save_sample_grid(path, ema, fm, vtp, mean, std, d, device, amp)
+            save_sample_grid(path, ema, fm, vtp, mean, std, d, cfg.run.seed, device, amp)
             pbar.write(f"wrote {path}")
         if (step % d.ckpt_every == 0 or last) and rank == 0:
             last_ckpt = save_dit_checkpoint(d, step, state(step))
@@ -730,9 +731,10 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
     """
     device = torch.device(device)
     ema, ckpt = load_dit(ckpt_path, device)
-    d = Config.from_dict(ckpt["config"]).dit
+    ckpt_cfg = Config.from_dict(ckpt["config"])
+    d = ckpt_cfg.dit
     vtp = tokenizer_path_of(ckpt, device)[1]
-    amp, _ = amp_setup(d.amp if device.type == "cuda" else "fp32", device, "dit.amp")
+    amp, _ = amp_setup(ckpt_cfg.run.amp if device.type == "cuda" else "fp32", device)
     fm = FlowMatching(ema.num_classes)
     mean, std = (ckpt["latent_stats"][k].to(device) for k in ("mean", "std"))
     steps = num_steps or d.num_sample_steps
@@ -756,10 +758,10 @@ def sample_main(argv=None):
     """`python train_dit.py sample ...`: PNGs and samples.npz from a DiT checkpoint, split over torchrun ranks."""
     cfg = parse_config(argv or [], aliases=ALIASES)
     d = cfg.dit
-    rank, world_size, _, device = setup_distributed(d.device)
+    rank, world_size, _, device = setup_distributed(cfg.run.device)
     out_dir = d.sample_out or os.path.join(d.out_dir, "samples")
     os.makedirs(out_dir, exist_ok=True)
-    images, indices = sample_images(d.ckpt or d.out_dir, d.num_samples, seed=d.seed, batch_size=d.batch_size,
+    images, indices = sample_images(d.ckpt or d.out_dir, d.num_samples, seed=cfg.run.seed, batch_size=d.batch_size,
                                     device=device, cfg_scale=d.cfg_scale, num_steps=d.num_sample_steps, rank=rank,
                                     world_size=world_size, sampler=d.sampler, cfg_interval=d.cfg_interval)
     for img, i in zip(images, indices):

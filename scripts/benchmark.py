@@ -4,7 +4,7 @@ Throughput benchmarks on synthetic inputs of the right shapes, so they measure t
 
     python scripts/benchmark.py                                          # stage-1 step, tiny preset, on CPU
     python scripts/benchmark.py --preset=B --compile                     # on a GPU (bf16): img/s, memory, MFU
-    python scripts/benchmark.py --preset=S --train.amp=fp16              # fp16 autocast with a GradScaler
+    python scripts/benchmark.py --preset=S --run.amp=fp16              # fp16 autocast with a GradScaler
     python scripts/benchmark.py --what=stage2 --preset=B                 # decoder + discriminator step (stage 2)
     python scripts/benchmark.py --what=dit --dit_model=XL --batch=256    # DiT-XL/1 training step on f16d64 latents
     python scripts/benchmark.py --what=sample --dit_model=XL --batch=64  # 250-step Euler sampling + decoding
@@ -160,7 +160,7 @@ def build_stage1(cfg, args, device):
     opt = adamw(param_groups(student, 0.05), device, lr=1e-4, betas=cfg.optim.betas, eps=cfg.optim.eps)
     fwd = torch.compile(student) if args.compile else student
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
-    autocast, scaler = amp_setup(cfg.train.amp, device)
+    autocast, scaler = amp_setup(cfg.run.amp, device)
     batch = synthetic_batch(cfg, device, torch.Generator().manual_seed(0))
     loader = data.build_pretrain_loader(cfg, data.build_tokenizer(cfg)) if args.real_data else None
     waits = []  # --real_data: seconds the step waited for its batch
@@ -190,7 +190,7 @@ def build_stage2(cfg, args, device):
         random_lpips(rec_loss, device)
     opt_g = adamw(decoder.parameters(), device, lr=1e-4, weight_decay=0.0)
     opt_d = adamw(disc.parameters(), device, lr=1e-4, weight_decay=0.0)
-    autocast, scaler = amp_setup(cfg.train.amp, device)
+    autocast, scaler = amp_setup(cfg.run.amp, device)
     dec = torch.compile(decoder) if args.compile else decoder
     B, S = args.batch or cfg.data.batch_size, cfg.encoder.image_size
     x = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(0)).to(device)
@@ -214,7 +214,7 @@ def build_dit(cfg, args, device):
     ema = copy.deepcopy(dit).requires_grad_(False)
     fm = train_dit.FlowMatching(1000)
     opt = adamw(dit.parameters(), device, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    amp, scaler = amp_setup(cfg.train.amp, device)
+    amp, scaler = amp_setup(cfg.run.amp, device)
     model = torch.compile(dit) if args.compile else dit
     B = args.batch or 32
     g = torch.Generator().manual_seed(0)
@@ -242,7 +242,7 @@ def build_sample(cfg, args, device):
     model = torch.compile(dit) if args.compile else dit
     vtp = VTP(cfg).to(device).eval()
     fm = train_dit.FlowMatching(1000)
-    amp, _ = amp_setup(cfg.train.amp, device)
+    amp, _ = amp_setup(cfg.run.amp, device)
     B = args.batch or 16
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(B, cfg.encoder.latent_dim, grid, grid, generator=g).to(device)
@@ -337,7 +337,7 @@ def main():
                          "loader's share of the step time")
     args, rest = ap.parse_known_args()
     cfg = parse_config(rest)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     cuda = device.type == "cuda"
     step, n_img, parts, module = BUILDERS[args.what](cfg, args, device)
 
@@ -370,7 +370,7 @@ def main():
 
     n_params = sum(p.numel() for p in module.parameters())
     what = f"DiT-{args.dit_model}" if args.what in ("dit", "sample") else f"preset {cfg.preset}"
-    print(f"{args.what} | {what} | device {torch.cuda.get_device_name() if cuda else 'cpu'} | amp {cfg.train.amp} | "
+    print(f"{args.what} | {what} | device {torch.cuda.get_device_name() if cuda else 'cpu'} | amp {cfg.run.amp} | "
           f"compile {args.compile} | lpips {args.lpips} | params {n_params / 1e6:.1f}M")
     if args.what == "stage1":
         d = cfg.data

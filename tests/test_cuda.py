@@ -28,13 +28,13 @@ def batch_on(cfg, device, seed=0):
 
 
 def stage1_setup(amp):
-    cfg = parse_config(SMALL + [f"--train.amp={amp}"])
+    cfg = parse_config(SMALL + [f"--run.amp={amp}"])
     device = torch.device("cuda")
     torch.manual_seed(0)
     student = Student(cfg).to(device)
     teacher = Teacher(student).to(device)
     opt = adamw(param_groups(student, 0.05), device, lr=1e-3, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    autocast, scaler = amp_setup(cfg.train.amp, device)
+    autocast, scaler = amp_setup(cfg.run.amp, device)
     return cfg, device, student, teacher, opt, autocast, scaler
 
 
@@ -92,14 +92,14 @@ def test_encoder_runs_on_flash_attention():
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_stage2_step(amp):
-    cfg = parse_config(SMALL + [f"--train.amp={amp}", "--loss.gan_start=0"])
+    cfg = parse_config(SMALL + [f"--run.amp={amp}", "--loss.gan_start=0"])
     device = torch.device("cuda")
     vtp = VTP(cfg).to(device).requires_grad_(False).eval()
     decoder = vtp.pixel_decoder.requires_grad_(True).train()
     disc = losses.PatchDiscriminator(3, 16, 2).to(device)
     rec_loss = losses.ReconstructionLoss(1.0, 0.0).to(device)
     opt_g, opt_d = (adamw(m.parameters(), device, lr=1e-4) for m in (decoder, disc))
-    autocast, scaler = amp_setup(cfg.train.amp, device)
+    autocast, scaler = amp_setup(cfg.run.amp, device)
     assert (scaler is not None) == (amp == "fp16")
     enc0, dec0 = vtp.trunk.norm.weight.clone(), decoder.proj_out.weight.detach().clone()
     x = torch.randn(4, 3, 32, 32, device=device)

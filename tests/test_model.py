@@ -267,8 +267,8 @@ def test_amp_setup_is_the_one_mixed_precision_switch():
     with autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert scaler is None
-    with pytest.raises(ConfigError, match="dit.amp='fp16': fp16 needs CUDA"):
-        amp_setup("fp16", cpu, "dit.amp")
+    with pytest.raises(ConfigError, match="run.amp=.fp16.: fp16 needs CUDA"):
+        amp_setup("fp16", cpu)
 
 
 def test_resolve_checkpoint_file_or_latest_of_a_folder(tmp_path):
@@ -444,12 +444,25 @@ def test_own_checkpoint_round_trip(tmp_path):
 
 # --- config and CLI ---
 
+def test_runtime_knobs_live_in_the_run_section_only():
+    """device / amp / compile / seed are one `run` section read by every stage, not a copy per stage (data.seed is
+    the data set's own seed: which scenes exist, not how a run draws)."""
+    import dataclasses
+    cfg = Config()
+    owners = {name: sorted(f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                           and name in {g.name for g in dataclasses.fields(getattr(cfg, f.name))})
+              for name in ("device", "amp", "compile", "seed")}
+    assert owners == {"device": ["run"], "amp": ["run"], "compile": ["run"], "seed": ["data", "run"]}
+    with pytest.raises(ConfigError, match="unknown config key --dit.seed"):
+        parse_config(["--dit.seed=1"])
+
+
 def test_parse_config_types_and_nesting():
     cfg = parse_config(["--preset=S", "--encoder.depth=4", "--encoder.qk_norm", "--optim.lr=1e-3",
-                        "--data.global_crop_scale=0.4,1.0", "--train.amp=bf16", "--text.tokenizer=x.gz"])
+                        "--data.global_crop_scale=0.4,1.0", "--run.amp=bf16", "--text.tokenizer=x.gz"])
     assert cfg.preset == "S" and cfg.encoder.width == 384 and cfg.encoder.depth == 4
     assert cfg.encoder.qk_norm is True and cfg.optim.lr == 1e-3
-    assert cfg.data.global_crop_scale == (0.4, 1.0) and cfg.train.amp == "bf16"
+    assert cfg.data.global_crop_scale == (0.4, 1.0) and cfg.run.amp == "bf16"
     assert parse_config([]).preset == "tiny"
     assert parse_config(["--tokenizer=a.pt"], aliases={"tokenizer": "dit.tokenizer"}).dit.tokenizer == "a.pt"
 
@@ -468,7 +481,7 @@ def test_config_dict_round_trip():
     (["--encoder.qk_norm=maybe"], "expected a value of type bool"),
     (["--optim.lr=fast"], "--optim.lr=fast: expected a value of type float"),
     (["--preset=XXL"], "preset='XXL': valid choices are tiny, S, B, L"),
-    (["--train.amp=fp8"], "train.amp='fp8': valid choices are auto, bf16, fp16, fp32"),
+    (["--run.amp=fp8"], "run.amp='fp8': valid choices are auto, bf16, fp16, fp32"),
     (["--encoder.rope_dtype=fp16"], "encoder.rope_dtype='fp16': valid choices are bf16, fp32"),
     (["--loss.teacher_norm=softmax"], "loss.teacher_norm='softmax': valid choices"),
     (["--data.dataset=coco"], "data.dataset='coco': valid choices"),

@@ -139,8 +139,8 @@ def test_stage2_without_checkpoint_fails_clearly(tmp_path):
 def test_bad_config_fails_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match="data.rec_batch_size"):
         run(tmp_path, "--data.rec_batch_size=100")
-    with pytest.raises(ConfigError, match="train.amp"):
-        run(tmp_path, "--train.amp=int8")
+    with pytest.raises(ConfigError, match="run.amp"):
+        run(tmp_path, "--run.amp=int8")
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

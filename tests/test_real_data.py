@@ -102,12 +102,12 @@ def test_pretrain_and_retrieval_on_tar_shards_without_val_path(tmp_path):
 @pytest.mark.parametrize("script,args,flag", [
     ("pretrain.py", ["--data.dataset=tar", "--data.path=/nonexistent/{00000..00001}.tar"], "data.path"),
     ("pretrain.py", ["--data.dataset=folder"], "data.path"),
-    ("pretrain.py", ["--train.amp=fp17"], "train.amp"),
+    ("pretrain.py", ["--run.amp=fp17"], "run.amp"),
     ("pretrain.py", ["--train.stage=2", "--train.out_dir=/nonexistent/run"], "init_from"),
     ("train_dit.py", ["--tokenizer=/nonexistent/run"], "/nonexistent/run"),
     ("evaluate.py", ["retrieval", "--ckpt=/nonexistent/run"], "/nonexistent/run"),
     ("evaluate.py", ["probe"], "eval.ckpt"),
-    ("scripts/benchmark.py", ["--train.amp=fp17"], "train.amp"),
+    ("scripts/benchmark.py", ["--run.amp=fp17"], "run.amp"),
     ("scripts/preview_data.py", ["--data.dataset=jsonl"], "data.path"),
 ])
 def test_entry_points_fail_with_one_line(script, args, flag, tmp_path):

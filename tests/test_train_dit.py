@@ -417,7 +417,7 @@ def test_smoke_cache_train_sample(tokenizer, tmp_path, capsys):
     other, _ = sample_images(out, 2, seed=4, num_steps=3)
     assert not np.array_equal(other, imgs[:2])
     # the CLI: PNGs + samples.npz
-    npz = main(["sample", f"--dit.out_dir={out}", "--dit.num_samples=3", "--dit.num_sample_steps=3", "--dit.seed=3"])
+    npz = main(["sample", f"--dit.out_dir={out}", "--dit.num_samples=3", "--dit.num_sample_steps=3", "--run.seed=3"])
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (3, 32, 32, 3) and np.abs(arr.astype(int) - imgs[:3].astype(int)).max() <= 1
     assert sorted(n for n in os.listdir(os.path.dirname(npz)) if n.endswith(".png")) == [
@@ -439,7 +439,7 @@ def _torchrun(args):
 
 def test_two_process_gloo_run(tokenizer, tmp_path):
     out = str(tmp_path / "ddp")
-    r = _torchrun(run_args(tokenizer, out, "--dit.max_steps=3", "--dit.device=cpu"))
+    r = _torchrun(run_args(tokenizer, out, "--dit.max_steps=3", "--run.device=cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "terminate called" not in r.stderr
     names = sorted(os.listdir(os.path.join(out, "latents")))
@@ -451,7 +451,7 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     assert ck["rng"]["world_size"] == 2 and ck["data_position"] == {"epoch": 0, "offset": 48}
     # 2-process sampling writes the same images as one process
     r = _torchrun(["sample", f"--dit.out_dir={out}", "--dit.num_samples=5", "--dit.num_sample_steps=3",
-                   "--dit.device=cpu"])
+                   "--run.device=cpu"])
     assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-3000:]
     arr = np.load(os.path.join(out, "samples", "samples.npz"))["arr_0"]
     ref, _ = sample_images(out, 5, num_steps=3)
