@@ -32,7 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Config: one dataclass tree shared by all stages. Defaults are the CPU `tiny` preset.
+# Config: one dataclass tree shared by all stages. Defaults are the CPU `tiny` preset. Each section belongs to one
+# part: encoder / decoder / text / head are the tokenizer's network; loss / data / optim / train its pre-training
+# (pretrain.py); dit / sample the DiT and its ODE sampler (train_dit.py); eval the evaluations (evaluate.py); run the
+# device, precision, compile and seed of whichever script runs.
 
 
 @dataclass
@@ -197,11 +200,6 @@ class DiTConfig:
     t_mu: float = -0.5  # logit-normal timestep mean (-0.75 for L)
     t_sigma: float = 1.25  # logit-normal timestep std (1.0 for L)
     cos_weight: float = 1.0  # weight of the cosine term of the flow-matching loss
-    num_sample_steps: int = 250  # ODE steps at sampling
-    sampler: str = "euler"  # "euler" | "heun"
-    time_shift: float = 0.075  # s of the shifted time grid t' = s*t / (1 + (s-1)*t)
-    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = none)
-    cfg_interval: tuple = (0.0, 1.0)  # t-range where guidance is applied
     num_cache_images: int = 10000  # images to encode into the latent cache (builtin / cap for folders)
     stats_images: int = 10000  # unflipped latents for the per-channel mean/std
     log_every: int = 20  # steps between log lines
@@ -213,9 +211,21 @@ class DiTConfig:
     grid_classes: int = 8  # sample grids: classes shown (spread over all classes), one row each
     grid_per_class: int = 4  # sample grids: samples per class
     grid_cfg_scale: float = 4.0  # sample grids: guidance scale (a visual check, as in DiT's figures; 1 = none)
-    ckpt: str = ""  # sample: DiT checkpoint file or folder (empty = latest in out_dir)
+
+
+@dataclass
+class SampleConfig:
+    """The flow-matching ODE sampler (Method §7), used by the DiT's sample grids and saved with its checkpoints, and
+    `train_dit.py sample`."""
+    num_steps: int = 250  # ODE steps
+    sampler: str = "euler"  # "euler" | "heun"
+    time_shift: float = 0.075  # s of the shifted time grid t' = s*t / (1 + (s-1)*t)
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = none)
+    cfg_interval: tuple = (0.0, 1.0)  # t-range where guidance is applied
+    ckpt: str = ""  # sample: DiT checkpoint file or folder (empty = latest in dit.out_dir)
     num_samples: int = 64  # sample: images to generate
-    sample_out: str = ""  # sample: folder for the PNGs and samples.npz (empty = out_dir/samples)
+    batch_size: int = 32  # sample: images per forward (per process)
+    out: str = ""  # sample: folder for the PNGs and samples.npz (empty = dit.out_dir/samples)
 
 
 @dataclass
@@ -230,7 +240,7 @@ class EvalConfig:
     ckpt: str = ""  # tokenizer: checkpoint file, run folder (latest ckpt_*.pt) or released folder (--ckpt)
     dit_ckpt: str = ""  # gen: DiT checkpoint file or folder (--dit_ckpt); `all` skips gen without it or gen_npz
     gen_npz: str = ""  # gen: .npz of uint8 images (N, H, W, 3) under arr_0 or images, evaluated instead of sampling
-    gen_steps: int = 0  # gen: ODE steps when sampling; 0 = the DiT checkpoint's dit.num_sample_steps
+    gen_steps: int = 0  # gen: ODE steps when sampling; 0 = the DiT checkpoint's sample.num_steps
     ref_stats: str = ""  # gen: reference statistics .npz; empty = cached next to eval.out
     class_names: str = ""  # zero-shot: text file, one class name per line in label order; empty = the dataset's
     templates: str = "auto"  # zero-shot prompts: auto (simple for builtin, CLIP's 80 otherwise) | clip | simple
@@ -245,7 +255,7 @@ class EvalConfig:
     judge_seed: int = 0  # built-in data: the judge's training seed
     judge_images: int = 20_000  # built-in data: training scenes of the judge
     judge_epochs: int = 6  # built-in data: epochs of the judge's training
-    cfg_scale: float = 0.0  # gen: guidance scale of the DiT samples; 0 = the DiT checkpoint's dit.cfg_scale
+    cfg_scale: float = 0.0  # gen: guidance scale of the DiT samples; 0 = the DiT checkpoint's sample.cfg_scale
 
 
 @dataclass
@@ -261,6 +271,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self):
@@ -342,7 +353,7 @@ CHOICES = {
     "train.export_dtype": ("fp32", "bf16"),
     "dit.model": tuple(DiT_models),
     "dit.patch_size": (1, 2),
-    "dit.sampler": ("euler", "heun"),
+    "sample.sampler": ("euler", "heun"),
     "eval.templates": ("auto", "clip", "simple"),
     "eval.probe_features": ("cls_patch", "latent"),
 }
@@ -431,23 +442,23 @@ def validate_config(cfg):
          "at least one of loss.lambda_rec, loss.lambda_ssl, loss.lambda_clip must be > 0")
     for key in ("data.batch_size", "data.ssl_batch_size", "data.rec_batch_size", "train.max_steps",
                 "train.accum_steps", "train.log_every", "train.ckpt_every", "train.preview_every", "optim.lr_ref_batch",
-                "dit.batch_size", "dit.max_steps", "dit.num_sample_steps"):
+                "dit.batch_size", "dit.max_steps", "sample.num_steps", "sample.batch_size"):
         need(_get(cfg, key) >= 1, key, "must be >= 1")
     need(cfg.data.holdout >= 0, "data.holdout", "must be >= 0")
     b = cfg.data.batch_size
     need(cfg.data.ssl_batch_size <= b, "data.ssl_batch_size", f"must be <= data.batch_size={b}")
     need(cfg.data.rec_batch_size <= b, "data.rec_batch_size", f"must be <= data.batch_size={b}")
     for key in ("data.global_crop_scale", "data.local_crop_scale", "data.mask_ratio", "data.mask_aspect",
-                "optim.betas", "dit.betas", "dit.cfg_interval"):
+                "optim.betas", "dit.betas", "sample.cfg_interval"):
         v = _get(cfg, key)
         need(len(v) == 2 and v[0] <= v[1], key, "must be two numbers lo,hi with lo <= hi")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.text_lr_mult >= 0, "optim.text_lr_mult", "must be >= 0 (0 freezes the text tower)")
-    need(0.0 < cfg.dit.time_shift, "dit.time_shift", "must be > 0")
+    need(0.0 < cfg.sample.time_shift, "sample.time_shift", "must be > 0")
     need(cfg.dit.lr >= 0, "dit.lr", "must be >= 0 (0 = the DiT preset's)")
     need(cfg.dit.grid_cfg_scale >= 0, "dit.grid_cfg_scale", "must be >= 0")
     need(0.0 <= cfg.dit.ema_decay < 1.0, "dit.ema_decay", "must be in [0, 1) (0 = the DiT preset's)")
-    for key in ("dit.shard_size", "dit.grid_classes", "dit.grid_per_class", "dit.num_samples", "dit.stats_images",
+    for key in ("dit.shard_size", "dit.grid_classes", "dit.grid_per_class", "sample.num_samples", "dit.stats_images",
                 "eval.batch_size", "eval.knn_k", "eval.probe_blocks", "eval.probe_epochs", "eval.probe_batch_size",
                 "eval.judge_epochs"):
         need(_get(cfg, key) >= 1, key, "must be >= 1")

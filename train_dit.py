@@ -5,12 +5,13 @@ Stage 3: a class-conditional LightningDiT trained with flow matching on frozen V
     torchrun --nproc_per_node=8 train_dit.py --tokenizer=<ckpt or released folder> --dit.model=XL \\
         --data.dataset=imagenet --data.path=/data/imagenet/train --dit.num_cache_images=0 \\
         --dit.batch_size=128 --dit.max_steps=100000 --dit.ckpt_every=5000 --dit.sample_every=5000
-    python train_dit.py sample --dit.out_dir=runs/dit --dit.num_samples=1000    # PNGs + samples.npz (arr_0) for FID
-    torchrun --nproc_per_node=8 train_dit.py sample --dit.ckpt=runs/dit/ckpt_0100000.pt --dit.num_samples=50000
+    python train_dit.py sample --dit.out_dir=runs/dit --sample.num_samples=1000  # PNGs + samples.npz (arr_0) for FID
+    torchrun --nproc_per_node=8 train_dit.py sample --sample.ckpt=runs/dit/ckpt_0100000.pt --sample.num_samples=50000
 
 Re-running a training command resumes from the latest `ckpt_*.pt` in `--dit.out_dir`. The `sample` sub-command
-uses its own `--dit.*` sampling flags (`num_sample_steps`, `sampler`, `cfg_scale`, `cfg_interval`, `batch_size`)
-and `--run.seed` (the noise), and writes `{sample_out or out_dir/samples}/{index:06d}.png` plus one `samples.npz` (uint8 NHWC).
+reads the `--sample.*` section (`num_steps`, `sampler`, `cfg_scale`, `cfg_interval`, `num_samples`, `batch_size`) and
+`--run.seed` (the noise), and writes `{sample.out or dit.out_dir/samples}/{index:06d}.png` plus one `samples.npz`
+(uint8 NHWC).
 
 The file reads top to bottom:
   1. the DiT (LightningDiT flavour): patch embedding, timestep and class embedders, adaLN-modulated blocks with
@@ -541,10 +542,10 @@ def decode_latents(vtp, z, mean, std, amp=None):
 
 
 @torch.no_grad()
-def save_sample_grid(path, ema, fm, vtp, mean, std, d, seed, device, amp):
+def save_sample_grid(path, ema, fm, vtp, mean, std, d, s, seed, device, amp):
     """A PNG grid of EMA samples: one row per class (grid_classes spread over all classes), grid_per_class columns.
     The noise is seeded by run.seed, so grids of successive steps show the same starting points; guidance is
-    dit.grid_cfg_scale (4 by default, as in DiT's sample figures; the `sample` command and FID use dit.cfg_scale, 1
+    dit.grid_cfg_scale (4 by default, as in DiT's sample figures; the `sample` command and FID use sample.cfg_scale, 1
     by default as in the paper's headline numbers). Images smaller than 128 px are enlarged (nearest neighbour) so
     that 32 px CPU samples can be seen."""
     n_cls = min(d.grid_classes, ema.num_classes)
@@ -553,7 +554,7 @@ def save_sample_grid(path, ema, fm, vtp, mean, std, d, seed, device, amp):
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(y), ema.in_channels, ema.input_size, ema.input_size, generator=g).to(device)
     with amp():
-        z = fm.sample(ema, noise, y, d.num_sample_steps, d.sampler, d.time_shift, d.grid_cfg_scale, d.cfg_interval)
+        z = fm.sample(ema, noise, y, s.num_steps, s.sampler, s.time_shift, d.grid_cfg_scale, s.cfg_interval)
     images = decode_latents(vtp, z, mean, std, amp)  # (rows * cols, H, W, 3)
     H, W = images.shape[1:3]
     grid = images.reshape(n_cls, d.grid_per_class, H, W, 3).transpose(0, 2, 1, 3, 4).reshape(n_cls * H, -1, 3)
@@ -672,7 +673,7 @@ def main(argv=None):
         t1 = time.time()
         if (step % d.sample_every == 0 or last) and rank == 0:
             path = os.path.join(d.out_dir, f"samples_{step:07d}.png")
-            save_sample_grid(path, ema, fm, vtp, mean, std, d, cfg.run.seed, device, amp)
+            save_sample_grid(path, ema, fm, vtp, mean, std, d, cfg.sample, cfg.run.seed, device, amp)
             pbar.write(f"wrote {path}")
         if (step % d.ckpt_every == 0 or last) and rank == 0:
             last_ckpt = save_dit_checkpoint(d, step, state(step))
@@ -732,14 +733,14 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
     device = torch.device(device)
     ema, ckpt = load_dit(ckpt_path, device)
     ckpt_cfg = Config.from_dict(ckpt["config"])
-    d = ckpt_cfg.dit
+    s = ckpt_cfg.sample
     vtp = tokenizer_path_of(ckpt, device)[1]
     amp, _ = amp_setup(ckpt_cfg.run.amp if device.type == "cuda" else "fp32", device)
     fm = FlowMatching(ema.num_classes)
     mean, std = (ckpt["latent_stats"][k].to(device) for k in ("mean", "std"))
-    steps = num_steps or d.num_sample_steps
-    scale = d.cfg_scale if cfg_scale is None else cfg_scale
-    interval = tuple(cfg_interval or d.cfg_interval)
+    steps = num_steps or s.num_steps
+    scale = s.cfg_scale if cfg_scale is None else cfg_scale
+    interval = tuple(cfg_interval or s.cfg_interval)
     indices = np.arange(rank, num_images, world_size, dtype=np.int64)
     shape = (ema.in_channels, ema.input_size, ema.input_size)
     size = ema.input_size * vtp.patch_size
@@ -749,7 +750,7 @@ def sample_images(ckpt_path, num_images, seed=0, batch_size=64, device="cpu", cf
         noise = torch.stack([image_noise(seed, i, shape) for i in idx]).to(device)  # (b, C, h, w)
         y = torch.as_tensor(idx % ema.num_classes).to(device)
         with amp():
-            z = fm.sample(ema, noise, y, steps, sampler or d.sampler, d.time_shift, scale, interval)
+            z = fm.sample(ema, noise, y, steps, sampler or s.sampler, s.time_shift, scale, interval)
         out[start: start + len(idx)] = decode_latents(vtp, z, mean, std, amp)
     return out, indices
 
@@ -759,11 +760,12 @@ def sample_main(argv=None):
     cfg = parse_config(argv or [], aliases=ALIASES)
     d = cfg.dit
     rank, world_size, _, device = setup_distributed(cfg.run.device)
-    out_dir = d.sample_out or os.path.join(d.out_dir, "samples")
+    s = cfg.sample
+    out_dir = s.out or os.path.join(d.out_dir, "samples")
     os.makedirs(out_dir, exist_ok=True)
-    images, indices = sample_images(d.ckpt or d.out_dir, d.num_samples, seed=cfg.run.seed, batch_size=d.batch_size,
-                                    device=device, cfg_scale=d.cfg_scale, num_steps=d.num_sample_steps, rank=rank,
-                                    world_size=world_size, sampler=d.sampler, cfg_interval=d.cfg_interval)
+    images, indices = sample_images(s.ckpt or d.out_dir, s.num_samples, seed=cfg.run.seed, batch_size=s.batch_size,
+                                    device=device, cfg_scale=s.cfg_scale, num_steps=s.num_steps, rank=rank,
+                                    world_size=world_size, sampler=s.sampler, cfg_interval=s.cfg_interval)
     for img, i in zip(images, indices):
         Image.fromarray(img).save(os.path.join(out_dir, f"{i:06d}.png"))
     np.savez(os.path.join(out_dir, f"part_{rank}.npz"), arr_0=images, index=indices)

@@ -229,7 +229,7 @@ def main(argv):
         steps = QUICK["steps"]
         flags = flags + ["--encoder.depth=1", "--decoder.depth=1", "--text.depth=1", "--train.log_every=1",
                          "--train.preview_every=1000"]
-        o["dit_flags"] = ["--dit.num_cache_images=32", "--dit.stats_images=32", "--dit.num_sample_steps=2",
+        o["dit_flags"] = ["--dit.num_cache_images=32", "--dit.stats_images=32", "--sample.num_steps=2",
                           "--dit.grid_classes=2", "--dit.grid_per_class=2", "--dit.batch_size=8"]
     log = os.path.join(out, "log.txt")
     t0 = time.time()

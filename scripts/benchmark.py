@@ -16,7 +16,7 @@ What one step is:
   stage1  one pre-training step: teacher forward, student forward (CLIP + SSL + reconstruction), backward, AdamW, EMA
   stage2  one decoder GAN step: frozen encoder, decoder forward/backward, discriminator step (GAN on from step 0)
   dit     one flow-matching step of the DiT (forward, backward, AdamW, EMA) on (latent_dim, S/p, S/p) latents
-  sample  one batch of num_sample_steps Euler steps with the DiT, then the pixel decoder (img/s = batch / time)
+  sample  one batch of --sample_steps Euler steps with the DiT, then the pixel decoder (img/s = batch / time)
   fid     one batch of 256 px images through the FID Inception network (random weights: timing only)
 
 Reports ms/step, img/s, peak memory and, on CUDA, model FLOPs utilization (MFU): model FLOPs of one step divided

@@ -444,7 +444,7 @@ def test_cli_gen_samples_a_dit_checkpoint(tiny_ckpt, tmp_path):
 
     dit_dir = str(tmp_path / "dit")
     train_dit.main([f"--tokenizer={tiny_ckpt}", f"--dit.out_dir={dit_dir}", "--dit.max_steps=1", "--dit.batch_size=8",
-                    "--dit.num_cache_images=8", "--dit.stats_images=8", "--dit.num_sample_steps=2",
+                    "--dit.num_cache_images=8", "--dit.stats_images=8", "--sample.num_steps=2",
                     "--dit.grid_classes=1", "--dit.grid_per_class=2"])
     gen = ev.main(["gen", f"--dit_ckpt={dit_dir}", "--eval.num_gen=4", "--eval.gen_steps=2",
                    f"--eval.out={tmp_path / 'r.json'}", "--eval.num_images=8"] + SMALL[1:])["gen"]

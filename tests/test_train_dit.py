@@ -51,7 +51,7 @@ def tokenizer(tmp_path_factory):
 def run_args(tok, out, *extra):
     """Small, fast settings for main(): 64 cached images, batch 8, 3-step sampler, a 2x1 grid, a log every step."""
     return [f"--tokenizer={tok}", f"--dit.out_dir={out}", "--dit.num_cache_images=64", "--dit.stats_images=64",
-            "--dit.batch_size=8", "--dit.num_sample_steps=3", "--dit.grid_classes=2", "--dit.grid_per_class=1",
+            "--dit.batch_size=8", "--sample.num_steps=3", "--dit.grid_classes=2", "--dit.grid_per_class=1",
             "--dit.log_every=1", "--dit.sample_every=1000", "--dit.ckpt_every=1000", *extra]
 
 
@@ -417,7 +417,7 @@ def test_smoke_cache_train_sample(tokenizer, tmp_path, capsys):
     other, _ = sample_images(out, 2, seed=4, num_steps=3)
     assert not np.array_equal(other, imgs[:2])
     # the CLI: PNGs + samples.npz
-    npz = main(["sample", f"--dit.out_dir={out}", "--dit.num_samples=3", "--dit.num_sample_steps=3", "--run.seed=3"])
+    npz = main(["sample", f"--dit.out_dir={out}", "--sample.num_samples=3", "--sample.num_steps=3", "--run.seed=3"])
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (3, 32, 32, 3) and np.abs(arr.astype(int) - imgs[:3].astype(int)).max() <= 1
     assert sorted(n for n in os.listdir(os.path.dirname(npz)) if n.endswith(".png")) == [
@@ -450,7 +450,7 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     ck = torch.load(os.path.join(out, "ckpt_0000003.pt"), weights_only=True)
     assert ck["rng"]["world_size"] == 2 and ck["data_position"] == {"epoch": 0, "offset": 48}
     # 2-process sampling writes the same images as one process
-    r = _torchrun(["sample", f"--dit.out_dir={out}", "--dit.num_samples=5", "--dit.num_sample_steps=3",
+    r = _torchrun(["sample", f"--dit.out_dir={out}", "--sample.num_samples=5", "--sample.num_steps=3",
                    "--run.device=cpu"])
     assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-3000:]
     arr = np.load(os.path.join(out, "samples", "samples.npz"))["arr_0"]
