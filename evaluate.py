@@ -46,7 +46,8 @@ from tqdm import tqdm
 from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
 from losses import LPIPS
 from model import (Config, ConfigError, amp_setup, cleanup_distributed, gather_cat, load_vtp, parse_config, print0,
-                   resolve_checkpoint, run_cli, save_checkpoint, set_config_value, setup_distributed, validate_config)
+                   resolve_checkpoint, run_cli, save_checkpoint, seeded, set_config_value, setup_distributed,
+                   validate_config)
 from train_dit import sample_images, tokenizer_fingerprint, tokenizer_path_of
 
 # -----------------------------------------------------------------------------
@@ -578,8 +579,7 @@ def train_judge(x, y, num_classes, epochs, seed=0, batch_size=JUDGE_BATCH, lr=JU
     Train a ShapeJudge on images x (N, 3, S, S) with labels y (N,). Deterministic: the initialization and every
     draw (order, flips) come from `seed`, never from the global RNG, so a seed gives bit-identical weights.
     """
-    with torch.random.fork_rng(devices=[]):  # the init draws from the global RNG: fork it, seed it, restore it
-        torch.manual_seed(seed)
+    with seeded(seed):
         judge = ShapeJudge(num_classes)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr)

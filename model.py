@@ -562,6 +562,16 @@ def step_generator(seed, rank, step, device, stream=0):
     return torch.Generator(device=device).manual_seed((seed << 40) + (rank << 25) + (stream << 24) + step)
 
 
+@contextlib.contextmanager
+def seeded(seed):
+    """`with seeded(seed):` around module construction. nn.Module initializers draw from torch's global generator;
+    inside, that generator starts from `seed` (the same initial weights on every rank and every run), and on leaving
+    it is restored, so no later draw depends on it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def cleanup_distributed():
     """Barrier, then destroy the process group (avoids gloo aborts at exit). Delete DDP wrappers first."""
     if dist.is_available() and dist.is_initialized():

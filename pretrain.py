@@ -31,7 +31,8 @@ import data
 import losses
 from model import (VTP, Config, DINOHead, Tracker, adamw, all_reduce_sum, amp_setup, cleanup_distributed,
                    config_summary, ema_update, export_official, official_config, parse_config, print0,
-                   resolve_checkpoint, run_cli, save_checkpoint, setup_distributed, step_generator, trim_metrics)
+                   resolve_checkpoint, run_cli, save_checkpoint, seeded, setup_distributed, step_generator,
+                   trim_metrics)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (Method §5-6)
@@ -284,7 +285,6 @@ def export_if_asked(cfg: Config, vtp, tokenizer_state, rank):
 
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
     # data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
     ckpt_path = resolve_checkpoint(out_dir) if tc.resume else None
@@ -295,7 +295,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
     loader = data.build_pretrain_loader(cfg, tokenizer, rank, world_size)
 
     # model, teacher, optimizer
-    student = Student(cfg, rank, world_size).to(device)
+    with seeded(cfg.run.seed):  # identical initial weights on every rank (DDP also broadcasts them)
+        student = Student(cfg, rank, world_size).to(device)
     teacher = Teacher(student).to(device)
     lr_peak = peak_lr(cfg, world_size)
     optimizer = adamw(param_groups(student, cfg.optim.weight_decay, cfg.optim.text_lr_mult), device, lr=lr_peak,
@@ -451,7 +452,6 @@ def train_stage2(cfg: Config, rank, world_size, device):
     cfg.encoder, cfg.decoder, cfg.text, cfg.head = src_cfg.encoder, src_cfg.decoder, src_cfg.text, src_cfg.head
     if tc.export:
         official_config(cfg)  # an option the released format cannot hold fails now, not after training
-    torch.manual_seed(cfg.run.seed)
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"])
     data_cfg = copy.deepcopy(cfg)  # stage 2 needs only the images: no local crops, the smallest SSL subset
     data_cfg.data.num_local_crops, data_cfg.data.ssl_batch_size = 0, 1
@@ -461,7 +461,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
     vtp.load_state_dict(ckpt["model"])
     vtp.to(device).requires_grad_(False).eval()  # frozen encoder and bottleneck (eval: no stochastic depth)
     decoder = vtp.pixel_decoder.requires_grad_(True).train()
-    disc = losses.PatchDiscriminator(3, lc.disc_channels, lc.disc_layers).to(device)
+    with seeded(cfg.run.seed):
+        disc = losses.PatchDiscriminator(3, lc.disc_channels, lc.disc_layers).to(device)
     rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path).to(device)
     opt_g = adamw(decoder.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                   weight_decay=0.0)

@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
-from model import VTP, adamw, amp_setup, parse_config, run_cli, swiglu_hidden  # noqa: E402
+from model import VTP, adamw, amp_setup, parse_config, run_cli, seeded, swiglu_hidden  # noqa: E402
 from pretrain import Student, Teacher, forward_backward, optimizer_step, param_groups, stage2_step  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -152,8 +152,8 @@ def random_lpips(rec_loss, device):
 
 
 def build_stage1(cfg, args, device):
-    torch.manual_seed(0)
-    student = Student(cfg).to(device)
+    with seeded(0):
+        student = Student(cfg).to(device)
     if args.lpips:
         random_lpips(student.rec_loss, device)
     teacher = Teacher(student).to(device)
@@ -180,11 +180,11 @@ def build_stage1(cfg, args, device):
 
 
 def build_stage2(cfg, args, device):
-    torch.manual_seed(0)
     cfg.loss.gan_start = 0  # the discriminator runs every step
-    vtp = VTP(cfg).to(device).requires_grad_(False).eval()
+    with seeded(0):
+        vtp = VTP(cfg).to(device).requires_grad_(False).eval()
+        disc = losses.PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device)
     decoder = vtp.pixel_decoder.requires_grad_(True).train()
-    disc = losses.PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device)
     rec_loss = losses.ReconstructionLoss(cfg.loss.l1_weight, cfg.loss.lpips_weight).to(device)
     if args.lpips:
         random_lpips(rec_loss, device)

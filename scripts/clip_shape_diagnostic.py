@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
 from evaluate import knn_classify  # noqa: E402
-from model import VTP, Config, ConfigError, run_cli  # noqa: E402
+from model import VTP, Config, ConfigError, run_cli, seeded  # noqa: E402
 from pretrain import param_groups  # noqa: E402
 
 OPTIONS = {"steps": 1200, "batch": 64, "lr": 1e-3, "text_lr_mult": 0.3, "warmup": 25, "scenes": 16000,
@@ -78,8 +78,8 @@ def main(argv):
     tokenizer = data.BPETokenizer(cfg.text.vocab_size, cfg.text.context_length).train(captions[:4000])
     tokens, prompts = tokenizer(captions), tokenizer([f"a {s}" for s in data.SHAPES])
     k = min(o["knn_train"], o["scenes"])
-    torch.manual_seed(o["seed"])
-    vtp = VTP(cfg)
+    with seeded(o["seed"]):
+        vtp = VTP(cfg)
     groups = param_groups(vtp, cfg.optim.weight_decay, o["text_lr_mult"])  # as pretrain.py: decay split, lr_mult
     opt = torch.optim.AdamW(groups, lr=o["lr"], betas=cfg.optim.betas, eps=cfg.optim.eps)
     gen = torch.Generator().manual_seed(o["seed"])

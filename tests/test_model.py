@@ -457,6 +457,25 @@ def test_runtime_knobs_live_in_the_run_section_only():
         parse_config(["--dit.seed=1"])
 
 
+def test_seeded_construction_depends_on_the_seed_alone_and_restores_the_global_generator():
+    from model import seeded
+    torch.manual_seed(5)
+    expected = torch.rand(3)  # what the global stream gives next when nothing else draws
+    torch.manual_seed(5)
+    with seeded(1):
+        a = nn.Linear(8, 8)
+    torch.rand(7)  # a draw between two constructions must not change the second one
+    with seeded(1):
+        b = nn.Linear(8, 8)
+    with seeded(2):
+        c = nn.Linear(8, 8)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)
+    torch.manual_seed(5)
+    with seeded(1):
+        nn.Linear(8, 8)
+    assert torch.equal(torch.rand(3), expected)  # the global generator continues as if nothing had been drawn
+
+
 def test_parse_config_types_and_nesting():
     cfg = parse_config(["--preset=S", "--encoder.depth=4", "--encoder.qk_norm", "--optim.lr=1e-3",
                         "--data.global_crop_scale=0.4,1.0", "--run.amp=bf16", "--text.tokenizer=x.gz"])
