@@ -283,6 +283,17 @@ def export_if_asked(cfg: Config, vtp, tokenizer_state, rank):
             print0(line)
 
 
+def restore(ckpt, parts, scaler, loader):
+    """A resumed run: every {checkpoint key: module or optimizer} of `parts`, the GradScaler (fp16) and the data
+    position from `ckpt`; returns the step to continue from."""
+    for key, obj in parts.items():
+        obj.load_state_dict(ckpt[key])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    loader.load_state_dict(ckpt["data"])
+    return ckpt["step"]
+
+
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
 
@@ -304,14 +315,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
     autocast, scaler = amp_setup(cfg.run.amp, device)
     step = 0
     if ckpt:
-        student.vtp.load_state_dict(ckpt["model"])
-        student.dino_head.load_state_dict(ckpt["dino_head"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["data"])
-        step = ckpt["step"]
+        parts = {"model": student.vtp, "dino_head": student.dino_head, "teacher": teacher, "optimizer": optimizer}
+        step = restore(ckpt, parts, scaler, loader)
         print0(f"resumed from {ckpt_path} at step {step}")
     model = DDP(student) if world_size > 1 else student
     fwd = torch.compile(model) if cfg.run.compile else model  # `student` stays the raw module we save and EMA from
@@ -470,14 +475,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
                   weight_decay=0.0)
     autocast, scaler = amp_setup(cfg.run.amp, device)
     step = 0
-    if resume_path:
-        disc.load_state_dict(ckpt["discriminator"])
-        opt_g.load_state_dict(ckpt["optimizer"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["data"])
-        step = ckpt["step"]
+    if resume_path:  # the decoder's weights came in with ckpt["model"] above
+        step = restore(ckpt, {"discriminator": disc, "optimizer": opt_g, "opt_d": opt_d}, scaler, loader)
         print0(f"resumed stage 2 from {resume_path} at step {step}")
     dec = DDP(decoder) if world_size > 1 else decoder  # the discriminator stays outside DDP (grads all-reduced)
     print0(f"stage 2 from {src_path} | decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, "
