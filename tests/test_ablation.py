@@ -62,3 +62,12 @@ def test_unknown_flag_fails_before_running(tmp_path):
     with pytest.raises(ConfigError):
         ablation.main(["--quick", f"--out={tmp_path}", "--no.such_key=1"])
     assert not os.listdir(tmp_path)
+
+
+def test_a_failing_stage_stops_the_study_with_its_own_error(tmp_path):
+    log, stdout, stderr = str(tmp_path / "log.txt"), sys.stdout, sys.stderr
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        ablation.run(["evaluate.py", "probe", f"--ckpt={tmp_path / 'no_such_run'}"], log)
+    text = open(log).read()
+    assert "$ python evaluate.py probe" in text and "error: FileNotFoundError" in text and "no_such_run" in text
+    assert sys.stdout is stdout and sys.stderr is stderr  # the redirection ends with the stage
