@@ -510,14 +510,10 @@ def build_dataset(cfg, split, image_size=None):
     if d.dataset == "builtin":
         size = d.builtin_val_size if split == "val" else d.builtin_train_size
         return BuiltinScenes("val" if split == "val" else "train", image_size or cfg.encoder.image_size, size, d.seed)
-    readers = {"folder": CaptionFolder, "jsonl": JsonlCaptions, "tar": TarShards, "imagenet": ImageFolderClasses}
-    if d.dataset not in readers:
-        raise ConfigError(f"invalid config value data.dataset={d.dataset!r}: valid choices are builtin, "
-                          + ", ".join(readers))
     # no validation data: a fixed slice of the training data is held back ("all": every sample of data.path)
     hold = not d.val_path and d.holdout > 0 and split != "all"
     key = "data.val_path" if split == "val" and not hold else "data.path"
-    dataset = readers[d.dataset](d.val_path if key == "data.val_path" else d.path, key)
+    dataset = READERS[d.dataset](d.val_path if key == "data.val_path" else d.path, key)
     if hold:
         dataset = held_out(dataset, d.holdout, split)
     _check_usable(dataset, key)
@@ -1430,6 +1426,10 @@ class TarShards:
                 if len(out) >= n:
                     return out
         return out
+
+
+# data.dataset -> its reader (the config's CHOICES["data.dataset"] is "builtin" and these keys; a test checks it)
+READERS = {"folder": CaptionFolder, "jsonl": JsonlCaptions, "tar": TarShards, "imagenet": ImageFolderClasses}
 
 
 def _check_usable(dataset, key):

@@ -297,7 +297,7 @@ def restore(ckpt, parts, scaler, loader):
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
 
-    # data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
+    # 1. data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
     ckpt_path = resolve_checkpoint(out_dir) if tc.resume else None
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
     if tc.resume and not ckpt:
@@ -305,7 +305,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else data.build_tokenizer(cfg)
     loader = data.build_pretrain_loader(cfg, tokenizer, rank, world_size)
 
-    # model, teacher, optimizer
+    # 2. student (VTP + DINO head), EMA teacher, AdamW, and the resumed state
     with seeded(cfg.run.seed):  # identical initial weights on every rank (DDP also broadcasts them)
         student = Student(cfg, rank, world_size).to(device)
     teacher = Teacher(student).to(device)
@@ -333,6 +333,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
                              "rule": "stochastic depth from generators seeded by (seed, rank, step)"}}
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
 
+    # 3. logging: metrics.jsonl continues at the resumed step; fixed preview images; the entropies against log K
     if rank == 0:
         trim_metrics(out_dir, step)
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
@@ -344,13 +345,17 @@ def train_stage1(cfg: Config, rank, world_size, device):
     # the entropies (ent_t_* teacher targets, ent_s_* student predictions) read against log K: both at log K = collapse
     log_k = {"log_k": math.log(cfg.head.num_prototypes)} if cfg.loss.lambda_ssl > 0 else {}
     terms = None
+    # 4. training loop
     while step < tc.max_steps:
-        # Stochastic depth draws from a generator seeded by (seed, rank, step), so a resumed run draws exactly what
-        # an uninterrupted one would. The data stream is a function of its position.
+        # (a) this step's randomness and schedules. Stochastic depth draws from a generator seeded by (seed, rank,
+        # step), so a resumed run draws exactly what an uninterrupted one would; the data stream is a function of its
+        # position. lr: warm-up then cosine (per group: the text tower's lr_mult); teacher temperature: warm-up.
         gen = step_generator(cfg.run.seed, rank, step, device)
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
+        # (b) micro-steps: one batch (CLIP images + captions, SSL multi-crop + iBOT masks, reconstruction subset),
+        # teacher targets, the three losses (losses.vtp_loss), backward; DDP all-reduces on the last micro-step
         for micro in range(tc.accum_steps):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
             if cfg.run.compile and batch["mask_indices"].numel() > 1:  # the masked count changes every step:
@@ -359,6 +364,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
             with contextlib.nullcontext() if sync else model.no_sync():
                 terms = forward_backward(fwd, teacher_fwd, batch, temp, cfg, autocast, scaler, gen)
             tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
+        # (c) clip, AdamW (prototypes frozen for the first head.freeze_last_layer_steps), teacher EMA
         grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg),
                                    freeze_last_layer=step < cfg.head.freeze_last_layer_steps)
         tracker.add({"grad_norm": grad_norm}, step + 1)
@@ -366,6 +372,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
         if bar is not None:
             bar.update(1)
 
+        # (d) log line + metrics.jsonl, reconstruction preview, checkpoint
         last = step == tc.max_steps
         if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
             tracker.log(out_dir, bar, step, tc.max_steps, cfg.data.batch_size * world_size * tc.accum_steps, lr, **log_k)

@@ -116,3 +116,9 @@ def test_entry_points_fail_with_one_line(script, args, flag, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and flag in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_every_dataset_choice_has_a_reader():
+    """The config checks data.dataset against CHOICES at start-up; data.READERS builds them: the two must agree."""
+    from model import CHOICES
+    assert CHOICES["data.dataset"] == ("builtin", *data.READERS)
