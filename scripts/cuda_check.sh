@@ -39,24 +39,24 @@ part_tests() {
 }
 
 part_bench() {
-  bench s1_S_bf16 --preset=S --train.amp=bf16 --check
-  bench s1_B_bf16 --preset=B --train.amp=bf16 --check
-  bench s1_S_fp16 --preset=S --train.amp=fp16
-  bench s2_B_bf16 --what=stage2 --preset=B --batch=64 --train.amp=bf16 --lpips
-  bench s2_B_fp16 --what=stage2 --preset=B --batch=64 --train.amp=fp16 --lpips
-  bench dit_B_bf16 --what=dit --preset=B --dit_model=B --batch=256 --train.amp=bf16
-  bench dit_XL_bf16 --what=dit --preset=B --dit_model=XL --batch=64 --train.amp=bf16 --check
-  bench dit_XL_fp16 --what=dit --preset=B --dit_model=XL --batch=64 --train.amp=fp16 --steps=5
+  bench s1_S_bf16 --preset=S --run.amp=bf16 --check
+  bench s1_B_bf16 --preset=B --run.amp=bf16 --check
+  bench s1_S_fp16 --preset=S --run.amp=fp16
+  bench s2_B_bf16 --what=stage2 --preset=B --batch=64 --run.amp=bf16 --lpips
+  bench s2_B_fp16 --what=stage2 --preset=B --batch=64 --run.amp=fp16 --lpips
+  bench dit_B_bf16 --what=dit --preset=B --dit_model=B --batch=256 --run.amp=bf16
+  bench dit_XL_bf16 --what=dit --preset=B --dit_model=XL --batch=64 --run.amp=bf16 --check
+  bench dit_XL_fp16 --what=dit --preset=B --dit_model=XL --batch=64 --run.amp=fp16 --steps=5
   bench sample_B --what=sample --preset=B --dit_model=B --batch=128 --steps=1 --warmup=1
   bench sample_XL --what=sample --preset=B --dit_model=XL --batch=128 --steps=1 --warmup=0
-  bench fid --what=fid --batch=250 --train.amp=fp32
+  bench fid --what=fid --batch=250 --run.amp=fp32
 }
 
 part_compile() {
-  bench s1_B_bf16_compile --preset=B --train.amp=bf16 --compile --check --data.batch_size=128 \
+  bench s1_B_bf16_compile --preset=B --run.amp=bf16 --compile --check --data.batch_size=128 \
     --data.ssl_batch_size=32 --data.rec_batch_size=16
-  bench dit_XL_bf16_compile --what=dit --preset=B --dit_model=XL --batch=128 --train.amp=bf16 --compile --check
-  bench s1_S_bf16_compile --preset=S --train.amp=bf16 --compile
+  bench dit_XL_bf16_compile --what=dit --preset=B --dit_model=XL --batch=128 --run.amp=bf16 --compile --check
+  bench s1_S_bf16_compile --preset=S --run.amp=bf16 --compile
   bench sample_XL_compile --what=sample --preset=B --dit_model=XL --batch=256 --steps=1 --warmup=1 --compile
 }
 
@@ -66,14 +66,14 @@ part_run() {  # a short real run: torchrun stage 1 at S size, 256 px, built-in d
   TORCH_LOGS=recompiles timeout "$T" torchrun --standalone --nproc_per_node=1 pretrain.py --preset=S --train.out_dir="$run" \
     --data.batch_size=256 --data.ssl_batch_size=64 --data.rec_batch_size=32 --data.num_workers=14 \
     --train.max_steps=150 --train.log_every=25 --train.ckpt_every=150 --train.preview_every=150 \
-    --train.compile=true > "$out/pretrain_S.log" 2>&1
+    --run.compile=true > "$out/pretrain_S.log" 2>&1
   echo "    rc=$?"; grep -E "^step|resumed|Error|error" "$out/pretrain_S.log" | tail -n 12
   echo "    recompilations: $(grep -c "Recompiling function" "$out/pretrain_S.log")"
   echo "=== DiT-B on its latents"
   timeout "$T" $py train_dit.py --tokenizer="$run" --dit.model=B --dit.out_dir="$out/dit_B" \
     --dit.num_cache_images=2000 --dit.stats_images=2000 --dit.batch_size=256 --dit.max_steps=200 \
-    --dit.log_every=50 --dit.ckpt_every=200 --dit.sample_every=200 --dit.num_sample_steps=50 \
-    --dit.compile=true > "$out/dit_B.log" 2>&1
+    --dit.log_every=50 --dit.ckpt_every=200 --dit.sample_every=200 --sample.num_steps=50 \
+    --run.compile=true > "$out/dit_B.log" 2>&1
   echo "    rc=$?"; grep -E "^step|wrote|Error|error|DiT-" "$out/dit_B.log" | tail -n 12
   rm -f "$run"/ckpt_*.pt "$out"/dit_B/ckpt_*.pt  # keep logs and PNGs, not the weights
   rm -rf "$out"/dit_B/latents*
