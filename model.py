@@ -166,7 +166,7 @@ class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" (with a GradScaler) | "fp32"
     compile: bool = False  # torch.compile the trained module
-    seed: int = 0  # initial weights and every torch.Generator (with rank and step); evaluation: the sampling noise
+    seed: int = 0  # initial weights and every torch.Generator (with rank and step); evaluation: probe and samples
 
 
 @dataclass

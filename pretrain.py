@@ -333,7 +333,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
                              "rule": "stochastic depth from generators seeded by (seed, rank, step)"}}
             save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
 
-    # 3. logging: metrics.jsonl continues at the resumed step; fixed preview images; the entropies against log K
+    # 3. logging: metrics.jsonl continues at the resumed step; fixed preview images
     if rank == 0:
         trim_metrics(out_dir, step)
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None

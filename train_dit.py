@@ -542,16 +542,17 @@ def decode_latents(vtp, z, mean, std, amp=None):
 
 
 @torch.no_grad()
-def save_sample_grid(path, ema, fm, vtp, mean, std, d, s, seed, device, amp):
+def save_sample_grid(path, ema, fm, vtp, mean, std, cfg, device, amp):
     """A PNG grid of EMA samples: one row per class (grid_classes spread over all classes), grid_per_class columns.
     The noise is seeded by run.seed, so grids of successive steps show the same starting points; guidance is
     dit.grid_cfg_scale (4 by default, as in DiT's sample figures; the `sample` command and FID use sample.cfg_scale, 1
     by default as in the paper's headline numbers). Images smaller than 128 px are enlarged (nearest neighbour) so
     that 32 px CPU samples can be seen."""
+    d, s = cfg.dit, cfg.sample
     n_cls = min(d.grid_classes, ema.num_classes)
     classes = torch.linspace(0, ema.num_classes - 1, n_cls).round().long()
     y = classes.repeat_interleave(d.grid_per_class).to(device)  # (rows * cols,)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(cfg.run.seed)
     noise = torch.randn(len(y), ema.in_channels, ema.input_size, ema.input_size, generator=g).to(device)
     with amp():
         z = fm.sample(ema, noise, y, s.num_steps, s.sampler, s.time_shift, d.grid_cfg_scale, s.cfg_interval)
@@ -673,7 +674,7 @@ def main(argv=None):
         t1 = time.time()
         if (step % d.sample_every == 0 or last) and rank == 0:
             path = os.path.join(d.out_dir, f"samples_{step:07d}.png")
-            save_sample_grid(path, ema, fm, vtp, mean, std, d, cfg.sample, cfg.run.seed, device, amp)
+            save_sample_grid(path, ema, fm, vtp, mean, std, cfg, device, amp)
             pbar.write(f"wrote {path}")
         if (step % d.ckpt_every == 0 or last) and rank == 0:
             last_ckpt = save_dit_checkpoint(d, step, state(step))

@@ -4,7 +4,7 @@ Throughput benchmarks on synthetic inputs of the right shapes, so they measure t
 
     python scripts/benchmark.py                                          # stage-1 step, tiny preset, on CPU
     python scripts/benchmark.py --preset=B --compile                     # on a GPU (bf16): img/s, memory, MFU
-    python scripts/benchmark.py --preset=S --run.amp=fp16              # fp16 autocast with a GradScaler
+    python scripts/benchmark.py --preset=S --run.amp=fp16                # fp16 autocast with a GradScaler
     python scripts/benchmark.py --what=stage2 --preset=B                 # decoder + discriminator step (stage 2)
     python scripts/benchmark.py --what=dit --dit_model=XL --batch=256    # DiT-XL/1 training step on f16d64 latents
     python scripts/benchmark.py --what=sample --dit_model=XL --batch=64  # 250-step Euler sampling + decoding
