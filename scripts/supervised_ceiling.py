@@ -21,13 +21,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from evaluate import labelled_images  # noqa: E402
 from model import VTP, amp_setup, parse_config, run_cli, seeded, setup_distributed  # noqa: E402
 
 OPTIONS = {"steps": 1000, "batch": 64, "lr": 1e-3, "val": 1000}
 
 
 def labelled_batch(dataset, indices, size):
-    """Scenes -> (ImageNet-normalized ADM centre crops (n, 3, size, size), shape labels (n,))."""
+    """Training scenes at random indices -> (ImageNet-normalized ADM centre crops (n, 3, size, size), labels (n,)),
+    the same images as evaluate.labelled_images gives for the first n of a split."""
     samples = [dataset[i] for i in indices]
     images = data._stack_normalized([data.adm_center_crop(s["image"], size) for s in samples])
     return images, torch.tensor([s["label"] for s in samples])
@@ -44,9 +46,9 @@ def main(argv):
     cfg = parse_config(flags)
     device = setup_distributed(cfg.run.device)[3]
     autocast, _ = amp_setup(cfg.run.amp, device)
-    train, val = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
+    train = data.build_dataset(cfg, "train")
     size, steps = cfg.encoder.image_size, opts["steps"]
-    xv, yv = (t.to(device) for t in labelled_batch(val, range(opts["val"]), size))
+    xv, yv = (t.to(device) for t in labelled_images(cfg, "val", size, opts["val"]))  # the probe's val images
     num_classes = len(data.SHAPES)
     with seeded(cfg.run.seed):
         encoder = VTP(cfg).trunk.to(device)
