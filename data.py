@@ -895,6 +895,7 @@ def tokenizer_from_state(state):
 # (seed, split, index); drawing works at any size. Label = the main object's shape.
 
 # Shapes that stay distinct at 32 px: a hexagon was the first choice, but at 15 px it is a circle [ours].
+BUILTIN_VERSION = 2  # bumped whenever the drawn scenes change; files derived from them (the judge) carry it
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart")
 SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
                "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"),
@@ -904,12 +905,16 @@ COLORS = {"red": (220, 38, 38), "orange": (245, 140, 30), "yellow": (245, 215, 4
           "cyan": (40, 200, 215), "blue": (40, 80, 220), "purple": (140, 60, 190), "pink": (245, 130, 190),
           "brown": (125, 80, 40), "white": (245, 245, 245)}
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 235, 235), "beige": (225, 205, 160)}
-PATTERNS = {"plain": 0.55, "noisy": 0.15, "striped": 0.15, "checkered": 0.15}  # probabilities; plain has a faint grain
+PATTERNS = {"plain": 0.85, "noisy": 0.05, "striped": 0.05, "checkered": 0.05}  # probabilities; plain has a faint grain
 MIN_CONTRAST = 130  # RGB distance an object colour keeps from the background colour
-SIZES = {"tiny": (0.18, 0.28), "small": (0.55, 0.65), "medium": (0.65, 0.75), "large": (0.75, 0.88)}  # diameter/side
-# The labelled object spans >= 55% of the side and most backgrounds are plain, so that a tiny ViT can learn shape at
-# 32 px within the default budget [ours] (objects of 40-80% on mostly patterned backgrounds were much slower to learn).
-MAIN_SIZES = ("small", "medium", "large")
+SIZES = {"tiny": (0.18, 0.28), "small": (0.55, 0.65), "medium": (0.65, 0.75), "large": (0.8, 0.95)}  # diameter/side
+# The labelled object is large (80-95% of the side) and 85% of backgrounds are plain, so that the tiny ViT can learn
+# shape at 32 px within the default budget [ours]: the encoder trained on the shape labels for 300 steps
+# (`scripts/supervised_ceiling.py --steps=300 --val=500`) reaches 78% val top-1 here, 38% with the previous main
+# objects (55-88% of the side, anywhere, 55% plain backgrounds). Trying sizes and backgrounds one at a time, the range
+# of sizes mattered most: a ViT from scratch is slow to learn scale invariance; 65-95% was far slower to learn than
+# 80-95%, and plainer backgrounds helped less. The smaller sizes stay in SIZES for a harder data set (MAIN_SIZES).
+MAIN_SIZES = ("large",)
 SIZE_WORDS = {"tiny": ("tiny", "very small"), "small": ("small", "little"), "medium": ("medium", "medium-sized"),
               "large": ("large", "big")}
 POSITION_PHRASES = {  # the 3x3 cell of an object's centre, row-major
@@ -960,7 +965,7 @@ class BuiltinScenes:
     """
     The default data set: `size` captioned scenes of the `split` ("train" or "val"), drawn at image_size x
     image_size on the fly. A scene is a textured background (plain / noisy / striped / checkered, 4 colours) with a
-    main object (8 shapes, 10 colours, 3 sizes >= 55% of the side, anywhere) and sometimes a tiny second object;
+    main object (8 shapes, 10 colours, 80-95% of the side, near the centre) and sometimes a tiny second object;
     its caption names the main shape always and the other attributes sometimes (`MENTION_P`), with synonyms; the
     names it uses are kept in the scene's "mentions". Train and val scenes are disjoint: the
     split name is part of every scene's seed. Samples: {"image": PIL RGB, "caption": str, "label": shape index}.

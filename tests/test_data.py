@@ -91,7 +91,7 @@ def test_builtin_captions_and_pixels_match_the_attributes():
         # positions named in the caption are where the objects are (cells recomputed from the centres here)
         cells = {data.POSITIONS[3 * min(int(o["cy"] * 3), 2) + min(int(o["cx"] * 3), 2)] for o in scene["objects"]}
         assert _positions_in(caption) <= cells, (caption, cells)
-        assert 2 * main["radius"] >= 0.4  # the labelled object spans >= 40% of the side
+        assert 2 * main["radius"] >= 0.8  # the labelled object spans >= 80% of the side (learnable at 32 px)
         # the pixel at the main object's centre has its colour (a ring has a hole there)
         pixel = np.asarray(sample["image"], dtype=float)[int(main["cy"] * 64), int(main["cx"] * 64)]
         dist = np.abs(pixel - data.COLORS[main["color"]]).max()
@@ -104,7 +104,7 @@ def test_builtin_captions_leave_shape_only_negatives():
     ds = data.BuiltinScenes("train", 32, seed=0)
     batches = [[ds.scene(32 * b + i) for i in range(32)] for b in range(10)]
     shares = [data.shape_only_negative_share(b) for b in batches]
-    assert sum(shares) / len(shares) >= 0.10, shares
+    assert sum(shares) / len(shares) >= 0.25, shares  # 32% measured
     assert all(any(w in s["caption"] for w in data.SHAPE_WORDS[s["objects"][0]["shape"]]) for b in batches for s in b)
     said = Counter(k for b in batches for s in b for k in s["mentions"])
     assert said["color"] > 0 and said["color"] < 320, "colour is named in some captions, not all"
