@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 import benchmark  # noqa: E402  (written-out stage-1 FLOPs)
 from model import ConfigError, parse_config, resolve_checkpoint, run_cli  # noqa: E402
 
-# The paper's ablation: which objectives are on (lambda_rec = 0.1 always).
+# The paper's ablation: which objectives are on (lambda_rec at the preset's value always).
 VARIANTS = {"AE": ["--loss.lambda_clip=0", "--loss.lambda_ssl=0"], "CLIP+AE": ["--loss.lambda_ssl=0"],
             "SSL+AE": ["--loss.lambda_clip=0"], "CLIP+SSL+AE": []}
 SCALING_VARIANTS = ("AE", "CLIP+SSL+AE")
