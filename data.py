@@ -894,8 +894,8 @@ def tokenizer_from_state(state):
 # 5. Built-in data: procedurally drawn captioned scenes. Scene `index` of a split is a pure function of
 # (seed, split, index); drawing works at any size. Label = the main object's shape.
 
-# Shapes that stay distinct at 32 px: a hexagon was the first choice, but at 15 px it is a circle [ours].
 BUILTIN_VERSION = 2  # bumped whenever the drawn scenes change; files derived from them (the judge) carry it
+# Shapes that stay distinct at 32 px: a hexagon was the first choice, but at 15 px it is a circle [ours].
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart")
 SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
                "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"),

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import data
-from data import build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize, tokenizer_from_state
+from data import (BUILTIN_VERSION, build_dataset, build_eval_loader, build_tokenizer, denormalize, normalize,
+                  tokenizer_from_state)
 from losses import LPIPS
 from model import (Config, ConfigError, amp_setup, cleanup_distributed, gather_cat, load_vtp, parse_config, print0,
                    resolve_checkpoint, run_cli, save_checkpoint, seeded, set_config_value, setup_distributed,
@@ -616,7 +616,7 @@ def load_judge(cfg, size, device="cpu"):
         raise ConfigError(f"the judge knows only the built-in scenes, not data.dataset={cfg.data.dataset!r}")
     e = cfg.eval
     folder, seed, num_images, epochs = e.judge_dir, e.judge_seed, e.judge_images, e.judge_epochs
-    name = f"judge_{size}px_v{data.BUILTIN_VERSION}_data{cfg.data.seed}_seed{seed}_n{num_images}_e{epochs}.pt"
+    name = f"judge_{size}px_v{BUILTIN_VERSION}_data{cfg.data.seed}_seed{seed}_n{num_images}_e{epochs}.pt"
     path = os.path.join(folder, name)
     if os.path.isfile(path):
         state = torch.load(path, map_location="cpu", weights_only=False)
