@@ -18,6 +18,7 @@ and of different shapes.
     python scripts/ssl_head_diagnostic.py --ckpt=runs/pretrain/ckpt_0000100.pt --images=1000
 """
 
+import math
 import os
 import sys
 
@@ -57,8 +58,8 @@ def teacher_outputs(path, n):
     cfg = Config.from_dict(ckpt["config"])
     feat_dim = cfg.encoder.latent_dim if cfg.encoder.latent_features else cfg.encoder.width  # as in Student
     vtp, head = VTP(cfg).eval(), DINOHead(feat_dim, cfg.head).eval()
-    vtp.trunk.load_state_dict({k[6:]: v for k, v in ckpt["teacher"].items() if k.startswith("trunk.")})
-    head.load_state_dict({k[10:]: v for k, v in ckpt["teacher"].items() if k.startswith("dino_head.")})
+    for prefix, module in (("trunk.", vtp.trunk), ("dino_head.", head)):  # the Teacher's state_dict of pretrain.py
+        module.load_state_dict({k[len(prefix):]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)})
     x, y = labelled_images(cfg, "val", cfg.encoder.image_size, n)
     with torch.no_grad():
         cls = vtp.trunk.forward_features(x)["cls"]
@@ -78,7 +79,7 @@ def report(path, n=500, seed=0):
     off = ~torch.eye(len(y), dtype=torch.bool)
     same = (y[:, None] == y[None]) & off
     temps = {"student": cfg.loss.student_temp, "teacher": cfg.loss.teacher_temp}
-    return {"ckpt": path, "images": len(y), "log_k": float(torch.tensor(float(w.shape[0])).log()),
+    return {"ckpt": path, "images": len(y), "log_k": math.log(w.shape[0]),
             "proto_energy": proto.tolist(), "z_energy": zshare.tolist(),
             "entropy": {name: entropy(z @ wn.t(), t) for name, t in temps.items()},
             "entropy_random_z": {name: entropy(z_rand @ wn.t(), t) for name, t in temps.items()},
