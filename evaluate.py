@@ -1065,6 +1065,9 @@ def format_table(results):
 def main(argv=None):
     """`python evaluate.py SUBCOMMAND --key=value ...`; returns the results dict (also written to eval.out)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE + "\n`python evaluate.py all --help` lists every --key=value")
+        sys.exit(0)
     if not argv or argv[0] not in (*COMMANDS, "all"):
         raise ConfigError(USAGE)
     command, rest = argv[0], argv[1:]

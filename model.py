@@ -17,6 +17,7 @@ bottleneck at stride 16, and a ViT pixel decoder. This file holds:
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -484,14 +485,42 @@ def _get(cfg, key):
     return cfg
 
 
+def config_help(cfg, aliases=None):
+    """`--help`: every key with its value in `cfg`'s preset and the comment beside its field in this file."""
+    comments = {}
+
+    def walk(obj, prefix):
+        for line in inspect.getsource(type(obj)).splitlines():
+            m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
+            if m:
+                comments[prefix + m.group(1)] = m.group(2)
+        for f in dataclasses.fields(obj):
+            if dataclasses.is_dataclass(getattr(obj, f.name)):
+                walk(getattr(obj, f.name), prefix + f.name + ".")
+
+    walk(cfg, "")
+    lines = [f"usage: --key=value overrides of the shared config; preset {cfg.preset} values shown "
+             f"(--preset={'|'.join(PRESETS)} picks another)"]
+    if aliases:
+        lines.append("aliases: " + ", ".join(f"--{k} = --{v}" for k, v in aliases.items()))
+    rows = [(f"--{k}={_get(cfg, k)}", comments.get(k, "")) for k in _all_keys(cfg)]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(lines + [f"  {a:<{width}}  {b}".rstrip() for a, b in rows])
+
+
 def parse_config(argv=None, aliases=None):
     """
     Build the Config from `--preset=NAME` (default tiny) and typed `--key=value` overrides, dotted for nested
     fields (`--encoder.depth=4`). `aliases` maps short keys to dotted ones (e.g. {"tokenizer": "dit.tokenizer"}).
     A bare `--flag` sets a bool field to True. Raises ConfigError naming the field on any bad key or value.
+    `-h` / `--help` prints every key with its preset value and meaning (config_help) and exits.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     aliases = aliases or {}
+    if "-h" in argv or "--help" in argv:
+        preset = next((a.partition("=")[2] for a in argv if a.startswith("--preset=")), "tiny")
+        print(config_help(PRESETS[preset]() if preset in PRESETS else Config(), aliases))
+        sys.exit(0)
     pairs = []
     for arg in argv:
         if not arg.startswith("--"):

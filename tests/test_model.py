@@ -535,3 +535,24 @@ def test_config_summary_prints_only_what_differs_from_the_preset():
     lines = config_summary(parse_config(["--preset=S", "--train.max_steps=10", "--loss.lambda_ssl=0"])).splitlines()
     assert lines[0].startswith("config: preset S, 2 value(s) changed")
     assert lines[1:] == ["  loss.lambda_ssl=0.0  (preset: 1.0)", "  train.max_steps=10  (preset: 100000)"]
+
+
+def test_help_lists_every_key_with_its_preset_value_and_comment(capsys):
+    from model import _all_keys
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--preset=S", "--help"], aliases={"tokenizer": "dit.tokenizer"})
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    rows, cfg = out.splitlines()[2:], parse_config(["--preset=S"])
+    assert len(rows) == len(_all_keys(cfg))
+    for row, key in zip(rows, _all_keys(cfg)):
+        assert (row + "  ").startswith(f"  --{key}={_get_value(cfg, key)}  "), row
+    assert "--tokenizer = --dit.tokenizer" in out
+    assert "--loss.lambda_rec=0.1  " in out and "weight of L_rec (paper: 0.1)" in out  # the S preset's value
+    assert "--encoder.width=384 " in out and "token width D" in out
+
+
+def _get_value(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
