@@ -82,8 +82,8 @@ class HeadConfig:
     # tiny [ours]: K / bottleneck = 16 (DINOv2: 65536 / 256) gives the MLP fewer prototype-poor directions to hide in
     # than the old 1024 / 256, and K is not much larger than the 2*B_ssl teacher rows of the global batch: at
     # convergence Sinkhorn-Knopp gives each prototype a total mass of 2*B_ssl/K, so no row can put more than that on one
-    # prototype. It does not stop the hiding: after the freeze the prototypes leave two of the 16 directions with 0.8%
-    # of their energy and the default run's teacher puts 74% of its bottleneck energy there, so both softmaxes stay
+    # prototype. It does not stop the hiding: after the freeze the prototypes leave two of the 16 directions with 1.2%
+    # of their energy and the default run's teacher puts 76% of its bottleneck energy there, so both softmaxes stay
     # flat (`scripts/ssl_head_diagnostic.py`; README, "What the default CPU runs measure").
     hidden_dim: int = 256  # DINO head MLP hidden size (2048 for S/B/L)
     bottleneck_dim: int = 16  # L2-normalized bottleneck before the prototypes (256 for S/B/L)

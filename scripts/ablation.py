@@ -95,8 +95,30 @@ def tokenizer_flops(flags, steps):
 
 
 def study_unit(name, folder, flags, steps, o, log):
-    """One tokenizer end to end: pre-train, evaluate, DiT on its latents, evaluate the samples. Returns its row."""
+    """
+    One tokenizer end to end: pre-train, evaluate, DiT on its latents, evaluate the samples. Returns its row, with
+    `seconds`: the wall time spent on this unit, summed over every run of the study that did some of its work (kept
+    in `folder/seconds.json`, so a resumed study still reports the whole cost; None for a unit finished before the
+    file existed).
+    """
     os.makedirs(folder, exist_ok=True)
+    t0, n_log = time.time(), _log_size(log)
+    row = _study_unit(name, folder, flags, steps, o, log)
+    timing = os.path.join(folder, "seconds.json")
+    seconds = json.load(open(timing))["seconds"] if os.path.isfile(timing) else None
+    if _log_size(log) > n_log:  # this call ran some of the unit's stages (each one appends to the log)
+        seconds = (seconds or 0.0) + time.time() - t0
+        with open(timing, "w") as f:
+            json.dump({"seconds": seconds}, f)
+    row["seconds"] = seconds
+    return row
+
+
+def _log_size(log):
+    return os.path.getsize(log) if os.path.isfile(log) else 0
+
+
+def _study_unit(name, folder, flags, steps, o, log):
     ckpt = pretrain(folder, flags, steps, log)
     same = [f"--eval.num_images={o['eval_images']}", f"--eval.judge_dir={o['judge_dir']}",
             f"--eval.judge_images={o['judge_images']}"]  # every evaluation: the same images and the same judge
@@ -138,13 +160,15 @@ def fmt(v, spec=".1f"):
 
 def results_table(rows):
     head = ("| tokenizer | stage-1 steps | GFLOPs | linear probe | k-NN | zero-shot | PSNR | rFD_judge | "
-            "judge acc (cfg 1 / 4) | gFD_judge (cfg 1 / 4) |")
+            "judge acc (cfg 1 / 4) | gFD_judge (cfg 1 / 4) | wall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        wall = "?" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f} min"
         lines.append(f"| {r['name']} | {r['steps']} | {r['flops'] / 1e9:.0f} | {fmt(r['probe'])}% | {fmt(r['knn'])}% "
                      f"| {fmt(r['zero_shot'])}{'%' if r['zero_shot'] is not None else ''} | {r['psnr']:.2f} dB "
                      f"| {r['rfd']:.3f} | {100 * r['judge_acc_cfg1']:.1f}% / {100 * r['judge_acc_cfg4']:.1f}% "
-                     f"| {r['gfd_cfg1']:.3f} / {r['gfd_cfg4']:.3f} |")
+                     f"| {r['gfd_cfg1']:.3f} / {r['gfd_cfg4']:.3f} "
+                     f"| {wall} |")
     return "\n".join(lines)
 
 
@@ -254,20 +278,24 @@ def main(argv):
         row["label"] = label
         rows.append(row)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "wall_s": time.time() - t0, "options": opts, "flags": flags}, f, indent=2)
+        json.dump({"rows": rows, "wall_s": time.time() - t0, "units_s": sum(r["seconds"] or 0 for r in rows),
+                   "options": opts, "flags": flags}, f, indent=2)
     table = results_table(rows)
     md = [f"# {'Tokenizer scaling' if opts['scaling'] else 'Loss ablation'} in miniature", "",
           f"`python scripts/ablation.py {' '.join(argv)}`", "", table, ""]
-    if opts["scaling"]:
-        series = {v: [(r["flops"], r["gfd_cfg1"]) for r in rows if r["name"] == v] for v in SCALING_VARIANTS}
-        line_plot(os.path.join(out, "scaling.png"), series, "stage-1 training FLOPs (log scale)", "gFD_judge (cfg 1)",
-                  "generation vs tokenizer compute", logx=True)
-        md.append("![scaling](scaling.png)")
-    else:
-        series = {r["name"]: [(r["probe"], r["gfd_cfg1"])] for r in rows}
-        line_plot(os.path.join(out, "probe_vs_gfd.png"), series, "linear probe top-1 (%)", "gFD_judge (cfg 1)",
-                  "generation vs understanding")
-        md.append("![generation vs understanding](probe_vs_gfd.png)")
+    for scale in GUIDANCE:  # one plot per guidance scale: the two can disagree, and neither is hidden
+        key, suffix = f"gfd_cfg{scale:g}", "" if scale == 1 else f"_cfg{scale:g}"
+        if opts["scaling"]:
+            series = {v: [(r["flops"], r[key]) for r in rows if r["name"] == v] for v in SCALING_VARIANTS}
+            name = line_plot(os.path.join(out, f"scaling{suffix}.png"), series, "stage-1 training FLOPs (log scale)",
+                             f"gFD_judge (cfg {scale:g})", "generation vs tokenizer compute", logx=True)
+            md.append(f"![scaling, guidance {scale:g}]({os.path.basename(name)})")
+        else:
+            series = {r["name"]: [(r["probe"], r[key])] for r in rows}
+            name = line_plot(os.path.join(out, f"probe_vs_gfd{suffix}.png"), series, "linear probe top-1 (%)",
+                             f"gFD_judge (cfg {scale:g})", "generation vs understanding")
+            md.append(f"![generation vs understanding, guidance {scale:g}]({os.path.basename(name)})")
+    if not opts["scaling"]:
         if grids_side_by_side(os.path.join(out, "samples.png"), rows):
             md.append("![samples](samples.png)")
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -46,14 +46,21 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
         assert [r["name"] for r in json.load(f)["rows"]] == list(ablation.VARIANTS)
     md = open(os.path.join(out, "results.md")).read()
     assert all(f"| {v} |" in md for v in ablation.VARIANTS)
-    assert os.path.isfile(os.path.join(out, "probe_vs_gfd.png"))
-    # Resumable: a finished study re-runs nothing; a lost result is redone alone.
+    for png in ("probe_vs_gfd.png", "probe_vs_gfd_cfg4.png"):  # one plot per guidance scale, both in results.md
+        assert os.path.isfile(os.path.join(out, png)) and f"({png})" in md
+    assert all(r["seconds"] > 0 for r in rows) and "| ? |" not in md
+    # Resumable: a finished study re-runs nothing; a lost result is redone alone, and its unit's time grows by the
+    # redo while the others' stay as recorded.
     log = os.path.join(out, "log.txt")
     n_runs = open(log).read().count("\n$ ")
     os.remove(os.path.join(out, "CLIP_AE", "eval_probe.json"))
     again = ablation.main(["--quick", f"--out={out}"])
     assert open(log).read().count("\n$ ") == n_runs + 1
     assert again[1]["probe"] == rows[1]["probe"]  # the same checkpoint evaluated again
+    assert again[1]["seconds"] > rows[1]["seconds"]
+    assert [r["seconds"] for i, r in enumerate(again) if i != 1] == [r["seconds"] for i, r in enumerate(rows) if i != 1]
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["units_s"] == pytest.approx(sum(r["seconds"] for r in again))
 
 
 def test_unknown_flag_fails_before_running(tmp_path):
