@@ -520,10 +520,8 @@ def parse_config(argv=None, aliases=None):
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     aliases = aliases or {}
-    if "-h" in argv or "--help" in argv:
-        preset = next((a.partition("=")[2] for a in argv if a.startswith("--preset=")), "tiny")
-        print(config_help(PRESETS[preset]() if preset in PRESETS else Config(), aliases))
-        sys.exit(0)
+    want_help = "-h" in argv or "--help" in argv
+    argv = [a for a in argv if a not in ("-h", "--help")]
     pairs = []
     for arg in argv:
         if not arg.startswith("--"):
@@ -537,6 +535,9 @@ def parse_config(argv=None, aliases=None):
     if preset not in PRESETS:
         raise ConfigError(f"invalid config value preset={preset!r}: valid choices are {', '.join(PRESETS)}")
     cfg = PRESETS[preset]()
+    if want_help:
+        print(config_help(cfg, aliases))
+        sys.exit(0)
     for key, raw in pairs:
         if key != "preset":
             set_config_value(cfg, key, raw)

@@ -538,7 +538,7 @@ def test_config_summary_prints_only_what_differs_from_the_preset():
 
 
 def test_help_lists_every_key_with_its_preset_value_and_comment(capsys):
-    from model import _all_keys
+    from model import _all_keys, _get
     with pytest.raises(SystemExit) as e:
         parse_config(["--preset=S", "--help"], aliases={"tokenizer": "dit.tokenizer"})
     assert e.value.code == 0
@@ -546,13 +546,9 @@ def test_help_lists_every_key_with_its_preset_value_and_comment(capsys):
     rows, cfg = out.splitlines()[2:], parse_config(["--preset=S"])
     assert len(rows) == len(_all_keys(cfg))
     for row, key in zip(rows, _all_keys(cfg)):
-        assert (row + "  ").startswith(f"  --{key}={_get_value(cfg, key)}  "), row
+        assert (row + "  ").startswith(f"  --{key}={_get(cfg, key)}  "), row
     assert "--tokenizer = --dit.tokenizer" in out
     assert "--loss.lambda_rec=0.1  " in out and "weight of L_rec (paper: 0.1)" in out  # the S preset's value
     assert "--encoder.width=384 " in out and "token width D" in out
-
-
-def _get_value(cfg, key):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+    with pytest.raises(ConfigError, match="preset='X'"):  # a wrong preset is an error, with or without --help
+        parse_config(["--preset=X", "--help"])
