@@ -10,9 +10,12 @@ built-in val scenes and prints, along the right singular directions of the proto
     proto   the prototypes' share of energy in that direction (1/bottleneck each if they were spread evenly)
     z       the bottleneck outputs' mean share of energy in that direction
 
-then the entropies of softmax(z . w / T) before Sinkhorn-Knopp at the student and teacher temperatures, next to the
+then the entropies of softmax(z . w / T) before Sinkhorn-Knopp or centering at the student and teacher temperatures, next to the
 entropy a random unit z would get from the same prototypes, and the mean cosine of z between scenes of the same shape
-and of different shapes.
+and of different shapes. For a run with a centred teacher (`--loss.teacher_norm=centering`, the tiny default) it also
+prints what centering guards against, collapse onto a few prototypes: the mean entropy of the centred targets, the
+entropy of their mean over the scenes (log K if every prototype gets the same mass, 0 if all go to one), and how many
+prototypes are some scene's strongest.
 
     python scripts/ssl_head_diagnostic.py --ckpt=runs/pretrain
     python scripts/ssl_head_diagnostic.py --ckpt=runs/pretrain/ckpt_0000100.pt --images=1000
@@ -48,6 +51,16 @@ def entropy(logits, temp):
     return -(logp.exp() * logp).sum(dim=-1).mean().item()
 
 
+def target_stats(logits, center, temp):
+    """Centred teacher targets softmax((logits - center) / temp) of (N, K) logits -> (mean entropy of the rows,
+    entropy of their mean, number of distinct argmax prototypes), in nats."""
+    p = F.softmax((logits.float() - center) / temp, dim=-1)
+    mean = p.mean(dim=0)
+    marginal = -(mean * mean.clamp_min(1e-30).log()).sum().item()
+    row = -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean().item()
+    return row, marginal, len(p.argmax(dim=-1).unique())
+
+
 def teacher_outputs(path, n):
     """The checkpoint's config and its teacher's normalized bottleneck outputs z (N, d) of the [CLS] of n val scenes,
     with their labels (N,) and the prototypes (K, d)."""
@@ -66,11 +79,11 @@ def teacher_outputs(path, n):
         if vtp.latent_features:  # as the Teacher of pretrain.py
             cls = vtp.trunk.feature_bottleneck(cls)
         z = F.normalize(head.mlp(cls), dim=-1)
-    return cfg, path, z, y, head.last_layer.weight.detach()
+    return cfg, path, z, y, head.last_layer.weight.detach(), ckpt["teacher"].get("center_cls.center")
 
 
 def report(path, n=500, seed=0):
-    cfg, path, z, y, w = teacher_outputs(path, n)
+    cfg, path, z, y, w, center = teacher_outputs(path, n)
     proto, zshare = direction_energy(z, w)
     wn = F.normalize(w.float(), dim=-1)
     with seeded(seed):
@@ -79,7 +92,11 @@ def report(path, n=500, seed=0):
     off = ~torch.eye(len(y), dtype=torch.bool)
     same = (y[:, None] == y[None]) & off
     temps = {"student": cfg.loss.student_temp, "teacher": cfg.loss.teacher_temp}
-    return {"ckpt": path, "images": len(y), "log_k": math.log(w.shape[0]),
+    centred = None
+    if cfg.loss.teacher_norm == "centering":
+        centred = dict(zip(("entropy", "marginal_entropy", "prototypes_used"),
+                           target_stats(z @ wn.t(), center, cfg.loss.teacher_temp)))
+    return {"centred_targets": centred, "ckpt": path, "images": len(y), "log_k": math.log(w.shape[0]),
             "proto_energy": proto.tolist(), "z_energy": zshare.tolist(),
             "entropy": {name: entropy(z @ wn.t(), t) for name, t in temps.items()},
             "entropy_random_z": {name: entropy(z_rand @ wn.t(), t) for name, t in temps.items()},
@@ -99,9 +116,14 @@ def main(argv=None):
     for i, (p, e) in enumerate(zip(r["proto_energy"], r["z_energy"])):
         print(f"{i:9d}  {p:5.3f}  {e:5.3f}")
     for name in ("student", "teacher"):
-        print(f"entropy at the {name} temperature (before Sinkhorn-Knopp): {r['entropy'][name]:.3f} nats; "
+        print(f"entropy at the {name} temperature (before Sinkhorn-Knopp or centering): {r['entropy'][name]:.3f} nats; "
               f"a random unit z: {r['entropy_random_z'][name]:.3f}")
     print(f"cosine of z: same shape {r['cos_same_shape']:.3f}, other shapes {r['cos_other_shape']:.3f}")
+    if r["centred_targets"]:
+        c = r["centred_targets"]
+        print(f"centred teacher targets: {c['entropy']:.3f} nats each, {c['marginal_entropy']:.3f} nats for their mean; "
+              f"{c['prototypes_used']} of {round(math.exp(r['log_k']))} prototypes are some "
+              f"scene's strongest")
 
 
 if __name__ == "__main__":

@@ -241,6 +241,8 @@ def test_resume_gives_identical_losses_and_parameters(tmp_path):
     for part in ("model", "dino_head", "teacher"):
         for k in sa[part]:
             assert torch.equal(sa[part][k], sb[part][k]), f"{part}.{k}"
+    # the tiny default centres the teacher (DINO): its running centres are state the resume must carry
+    assert sa["teacher"]["center_cls.center"].abs().sum() > 0 and sa["teacher"]["center_patch.center"].abs().sum() > 0
     assert sa["data"] == sb["data"]
     # resuming a finished run is a no-op that exits cleanly
     run(resumed, "--train.max_steps=4", "--train.ckpt_every=2", "--train.resume")

@@ -37,6 +37,19 @@ def test_entropy_uniform_and_one_hot():
     assert diag.entropy(torch.eye(16)[:4], 0.001) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_target_stats_tell_spread_from_collapse():
+    # every scene on its own prototype: sharp targets, an even mean over 4 of K = 8
+    logits = torch.eye(8)[:4]
+    row, marginal, used = diag.target_stats(logits, torch.zeros(8), 0.001)
+    assert row == pytest.approx(0.0, abs=1e-5) and marginal == pytest.approx(math.log(4)) and used == 4
+    # all scenes on prototype 0: sharp and collapsed
+    row, marginal, used = diag.target_stats(torch.eye(8)[[0, 0, 0]], torch.zeros(8), 0.001)
+    assert row == pytest.approx(0.0, abs=1e-5) and marginal == pytest.approx(0.0, abs=1e-5) and used == 1
+    # the centre is subtracted before the softmax: a centre that cancels the logits leaves the targets uniform
+    row, marginal, _ = diag.target_stats(torch.eye(8)[[2, 2]], torch.eye(8)[2], 0.001)
+    assert row == pytest.approx(math.log(8)) and marginal == pytest.approx(math.log(8))
+
+
 def test_report_on_a_stage1_checkpoint(tmp_path, capsys):
     pretrain.main(SMALL + [f"--train.out_dir={tmp_path}", "--train.max_steps=1", "--data.builtin_val_size=32"])
     r = diag.report(str(tmp_path), n=16)
@@ -44,8 +57,15 @@ def test_report_on_a_stage1_checkpoint(tmp_path, capsys):
     assert len(r["proto_energy"]) == len(r["z_energy"]) == 32  # --head.bottleneck_dim
     assert sum(r["proto_energy"]) == pytest.approx(1.0, abs=1e-4) and sum(r["z_energy"]) == pytest.approx(1.0, abs=1e-4)
     assert 0 < r["entropy"]["teacher"] < r["entropy"]["student"] <= math.log(64) + 1e-4  # colder is sharper
+    # the tiny default centres the teacher: the report reads the checkpoint's centre
+    c = r["centred_targets"]
+    assert 0 < c["entropy"] <= c["marginal_entropy"] + 1e-4 <= math.log(64) + 2e-4 and 1 <= c["prototypes_used"] <= 16
     diag.main([f"--ckpt={tmp_path}", "--images=8"])
-    assert "log K = 4.159" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "log K = 4.159" in out and "centred teacher targets" in out
+    pretrain.main(SMALL + [f"--train.out_dir={tmp_path / 'sk'}", "--train.max_steps=1", "--data.builtin_val_size=32",
+                           "--loss.teacher_norm=sinkhorn"])
+    assert diag.report(str(tmp_path / "sk"), n=16)["centred_targets"] is None
     with pytest.raises(ConfigError, match="unknown or empty option .--image=8"):
         diag.main(["--image=8"])
     with pytest.raises(FileNotFoundError, match="pretrain.py"):
