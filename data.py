@@ -48,7 +48,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-# DINOv2 photometric augmentations (Method §5): fixed by the method, not tuned per run.
+# DINOv2 photometric augmentations (Method §5). The jitter strengths and the grayscale p are also configurable
+# (data.color_jitter, data.grayscale_p; DINOv2's values below by default) for ablations.
 FLIP_P = 0.5
 COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 COLOR_JITTER_P = 0.8
@@ -217,13 +218,13 @@ def local_crop_size(cfg):
     return p * max(1, int(grid * 7 / 16 + 0.5))  # round half up
 
 
-def _augment(img, g, blur_p, solarize_p, blur_sigma):
+def _augment(img, g, blur_p, solarize_p, blur_sigma, jitter=COLOR_JITTER, grayscale_p=GRAYSCALE_P):
     """DINOv2's photometric chain: flip, colour jitter, grayscale, blur, solarize, each with its probability."""
     if _rand(g) < FLIP_P:
         img = hflip(img)
     if _rand(g) < COLOR_JITTER_P:
-        img = color_jitter(img, g, *COLOR_JITTER)
-    if _rand(g) < GRAYSCALE_P:
+        img = color_jitter(img, g, *jitter)
+    if _rand(g) < grayscale_p:
         img = grayscale(img)
     if _rand(g) < blur_p:
         img = gaussian_blur(img, g, blur_sigma)
@@ -233,15 +234,17 @@ def _augment(img, g, blur_p, solarize_p, blur_sigma):
 
 
 def multicrop(img, g, global_size, local_size, num_local, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-              blur_sigma=BLUR_SIGMA):
+              blur_sigma=BLUR_SIGMA, jitter=COLOR_JITTER, grayscale_p=GRAYSCALE_P):
     """
     DINOv2 multi-crop of one image (Method §5): [global 1, global 2, local 1, ..., local n] as PIL images.
     Global 1 is always blurred; global 2 is blurred with p 0.1 and solarized with p 0.2; locals blurred with p 0.5.
+    jitter: (brightness, contrast, saturation, hue) strengths of the colour jitter; grayscale_p: its probability.
     """
-    crops = [_augment(random_resized_crop(img, global_size, g, global_scale), g, BLUR_P[0], 0.0, blur_sigma),
-             _augment(random_resized_crop(img, global_size, g, global_scale), g, BLUR_P[1], SOLARIZE_P, blur_sigma)]
+    aug = dict(blur_sigma=blur_sigma, jitter=jitter, grayscale_p=grayscale_p)
+    crops = [_augment(random_resized_crop(img, global_size, g, global_scale), g, BLUR_P[0], 0.0, **aug),
+             _augment(random_resized_crop(img, global_size, g, global_scale), g, BLUR_P[1], SOLARIZE_P, **aug)]
     for _ in range(num_local):
-        crops.append(_augment(random_resized_crop(img, local_size, g, local_scale), g, BLUR_P[2], 0.0, blur_sigma))
+        crops.append(_augment(random_resized_crop(img, local_size, g, local_scale), g, BLUR_P[2], 0.0, **aug))
     return crops
 
 
@@ -320,7 +323,7 @@ class BatchMaker:
         views = [[] for _ in range(2 + d.num_local_crops)]  # views[c][i]: crop c of SSL image i
         for i in ssl_index.tolist():
             crops = multicrop(samples[i]["image"], _generator(sample_seeds[i]), S, self.local_size, d.num_local_crops,
-                              d.global_crop_scale, d.local_crop_scale, self.blur_sigma)
+                              d.global_crop_scale, d.local_crop_scale, self.blur_sigma, d.color_jitter, d.grayscale_p)
             for c, crop in enumerate(crops):
                 views[c].append(crop)
         global_crops = _stack_normalized(views[0] + views[1])  # (2*B_ssl, 3, S, S), crop-major

@@ -422,8 +422,24 @@ def test_multicrop_keeps_orientation():
             assert x[0].mean() < x[-1].mean(), seed
 
 
+def test_multicrop_colour_augmentation_follows_its_arguments():
+    red = Image.new("RGB", (40, 40), (200, 40, 40))
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    gray = lambda c: np.ptp(np.asarray(c, dtype=int), axis=-1).max() == 0  # noqa: E731  R = G = B everywhere
+    for seed in range(5):
+        assert all(gray(c) for c in data.multicrop(red, g(seed), 24, 12, 4, grayscale_p=1.0))
+        assert not any(gray(c) for c in data.multicrop(red, g(seed), 24, 12, 4, jitter=(0, 0, 0, 0), grayscale_p=0.0))
+    # the hue shift: DINOv2's 0.1 turn keeps a red object red in every crop, 0.5 turns it any hue
+    def red_share(jitter):
+        crops = [c for seed in range(20) for c in data.multicrop(red, g(seed), 24, 12, 4, jitter=jitter,
+                                                                  grayscale_p=0.0)]
+        return np.mean([np.argmax(np.asarray(c, dtype=float).mean(axis=(0, 1))) == 0 for c in crops])
+    assert red_share(data.COLOR_JITTER) > 0.75 and red_share((0.4, 0.4, 0.4, 0.5)) < 0.6
+
+
 def test_batch_maker_stacks_crops_crop_major():
     cfg = small_cfg()
+    cfg.data.color_jitter, cfg.data.grayscale_p = (0.4, 0.4, 0.4, 0.5), 0.5  # not DINOv2's: the maker must pass them
     maker = data.BatchMaker(cfg, data.BPETokenizer(300, 32))
     ds = data.BuiltinScenes("train", 32, 40)
     samples, seeds = [ds[i] for i in range(8)], list(range(100, 108))
@@ -432,7 +448,8 @@ def test_batch_maker_stacks_crops_crop_major():
     B_ssl = len(batch["ssl_index"])
     for k, i in enumerate(batch["ssl_index"].tolist()):
         crops = data.multicrop(samples[i]["image"], torch.Generator().manual_seed(seeds[i]), 32, 16, 2,
-                               cfg.data.global_crop_scale, cfg.data.local_crop_scale, blur_sigma=maker.blur_sigma)
+                               cfg.data.global_crop_scale, cfg.data.local_crop_scale, blur_sigma=maker.blur_sigma,
+                               jitter=cfg.data.color_jitter, grayscale_p=cfg.data.grayscale_p)
         assert torch.allclose(batch["global_crops"][k], as_tensor(crops[0]), atol=1e-5)
         assert torch.allclose(batch["global_crops"][B_ssl + k], as_tensor(crops[1]), atol=1e-5)
         for c in range(2):
