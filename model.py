@@ -328,11 +328,13 @@ def _tiny_preset():
     c = Config(preset="tiny")  # the dataclass defaults are the tiny preset
     c.optim = OptimConfig(lr=1e-3, lr_ref_batch=64, warmup_frac=0.05, text_lr_mult=0.3)
     # λ_rec 0.5 [ours] (paper and S/B/L: 0.1). The tiny default has no LPIPS weights, so L_rec is L1 alone, and B_rec
-    # is 8 of 64: at 0.1 the latent's PSNR was 3.3 dB below an AE-only run of the same steps and λ_rec, at 0.5 it is
-    # 1.2 dB below, with the same probe, k-NN and zero-shot (README, "What the default CPU runs measure").
-    # λ_ssl 0.25 [ours] (paper and S/B/L: 1). At 1 the SSL gradient costs the shared encoder much of the shape CLIP
-    # teaches it in 1000 steps (linear probe / k-NN / zero-shot 87.7 / 68.0 / 75.3% vs 94.4 / 88.0 / 95.0% with SSL
-    # off); at 0.25 SSL stays on and they are 93.9 / 85.3 / 92.7% (README, "What the default CPU runs measure").
+    # is 8 of 64: at 0.1 the latent's PSNR was 3.3 dB below an AE-only run of the same steps and λ_rec, at 0.5 it was
+    # 1.2 dB below, with the same probe, k-NN and zero-shot (measured with the Sinkhorn-Knopp teacher).
+    # λ_ssl 0.25 [ours] (paper and S/B/L: 1). With the Sinkhorn-Knopp teacher, at 1 the SSL gradient cost the shared
+    # encoder much of the shape CLIP teaches it in 1000 steps (linear probe / k-NN / zero-shot 87.7 / 68.0 / 75.3% vs
+    # 94.4 / 88.0 / 95.0% with SSL off; 93.9 / 85.3 / 92.7% at 0.25). With the centred teacher below, 0.1 gives no
+    # better features than 0.25 (88.5 / 74.2 / 81.5% vs 90.3 / 72.3 / 81.2%) (README, "What the default CPU runs
+    # measure").
     # Teacher targets by DINO's centering [ours for tiny; DINO's, and an option of DINOv2's] instead of Sinkhorn-Knopp
     # (S/B/L). Sinkhorn-Knopp balances the prototypes within one batch: over the 2*B_ssl = 32 teacher rows of the tiny
     # batch and K = 256 it hands each prototype 1/8 of a row, so a row's target depends on its batch-mates, not only
