@@ -337,10 +337,10 @@ def _tiny_preset():
     # measure").
     # Teacher targets by DINO's centering [ours for tiny; DINO's, and an option of DINOv2's] instead of Sinkhorn-Knopp
     # (S/B/L). Sinkhorn-Knopp balances the prototypes within one batch: over the 2*B_ssl = 32 teacher rows of the tiny
-    # batch and K = 256 it hands each prototype 1/8 of a row, so a row's target depends on its batch-mates, not only
-    # on its image. In the default run both heads then stayed within 0.45 / 0.70 nats of log K; with the centre (an
-    # EMA over batches) they leave it by 1.6 / 2.9 and the PSNR gap to the AE shrinks from 1.06 to 0.67 dB, at a cost
-    # in shape features (k-NN 72.3% vs 85.3%) (README, "What the default CPU runs measure").
+    # batch and K = 256 it hands each prototype 1/8 of a row, so (our reading) a row's target depends on its
+    # batch-mates, not only on its image. In the default run both heads then stayed within 0.45 / 0.70 nats of log K;
+    # with the centre (an EMA over batches) they leave it by 1.6 / 2.9 and the PSNR gap to the AE shrinks from 1.06 to
+    # 0.67 dB, at a cost in shape features (k-NN 72.3% vs 85.3%) (README, "What the default CPU runs measure").
     c.loss = LossConfig(lambda_rec=0.5, lambda_ssl=0.25, teacher_norm="centering")
     return c
 

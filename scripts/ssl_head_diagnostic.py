@@ -10,12 +10,12 @@ built-in val scenes and prints, along the right singular directions of the proto
     proto   the prototypes' share of energy in that direction (1/bottleneck each if they were spread evenly)
     z       the bottleneck outputs' mean share of energy in that direction
 
-then the entropies of softmax(z . w / T) before Sinkhorn-Knopp or centering at the student and teacher temperatures, next to the
-entropy a random unit z would get from the same prototypes, and the mean cosine of z between scenes of the same shape
-and of different shapes. For a run with a centred teacher (`--loss.teacher_norm=centering`, the tiny default) it also
-prints what centering guards against, collapse onto a few prototypes: the mean entropy of the centred targets, the
-entropy of their mean over the scenes (log K if every prototype gets the same mass, 0 if all go to one), and how many
-prototypes are some scene's strongest.
+then the entropies of softmax(z . w / T) before Sinkhorn-Knopp or centering at the student and teacher temperatures,
+next to the entropy a random unit z would get from the same prototypes, and the mean cosine of z between scenes of the
+same shape and of different shapes. For a run with a centred teacher (`--loss.teacher_norm=centering`, the tiny default)
+it also prints what centering guards against, collapse onto a few prototypes: the mean entropy of the centred targets,
+the entropy of their mean over the scenes (log K if every prototype gets the same mass, 0 if all go to one), and how
+many prototypes are some scene's strongest.
 
     python scripts/ssl_head_diagnostic.py --ckpt=runs/pretrain
     python scripts/ssl_head_diagnostic.py --ckpt=runs/pretrain/ckpt_0000100.pt --images=1000
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import labelled_images  # noqa: E402
+from losses import mean_entropy  # noqa: E402
 from model import VTP, Config, ConfigError, DINOHead, resolve_checkpoint, run_cli, seeded  # noqa: E402
 
 
@@ -55,9 +56,7 @@ def target_stats(logits, center, temp):
     """Centred teacher targets softmax((logits - center) / temp) of (N, K) logits -> (mean entropy of the rows,
     entropy of their mean, number of distinct argmax prototypes), in nats."""
     p = F.softmax((logits.float() - center) / temp, dim=-1)
-    mean = p.mean(dim=0)
-    marginal = -(mean * mean.clamp_min(1e-30).log()).sum().item()
-    row = -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean().item()
+    row, marginal = mean_entropy(p).item(), mean_entropy(p.mean(dim=0, keepdim=True)).item()
     return row, marginal, len(p.argmax(dim=-1).unique())
 
 
@@ -116,14 +115,13 @@ def main(argv=None):
     for i, (p, e) in enumerate(zip(r["proto_energy"], r["z_energy"])):
         print(f"{i:9d}  {p:5.3f}  {e:5.3f}")
     for name in ("student", "teacher"):
-        print(f"entropy at the {name} temperature (before Sinkhorn-Knopp or centering): {r['entropy'][name]:.3f} nats; "
-              f"a random unit z: {r['entropy_random_z'][name]:.3f}")
+        print(f"entropy at the {name} temperature (before Sinkhorn-Knopp or centering): "
+              f"{r['entropy'][name]:.3f} nats; a random unit z: {r['entropy_random_z'][name]:.3f}")
     print(f"cosine of z: same shape {r['cos_same_shape']:.3f}, other shapes {r['cos_other_shape']:.3f}")
     if r["centred_targets"]:
         c = r["centred_targets"]
-        print(f"centred teacher targets: {c['entropy']:.3f} nats each, {c['marginal_entropy']:.3f} nats for their mean; "
-              f"{c['prototypes_used']} of {round(math.exp(r['log_k']))} prototypes are some "
-              f"scene's strongest")
+        print(f"centred teacher targets: {c['entropy']:.3f} nats each, {c['marginal_entropy']:.3f} nats for their "
+              f"mean; {c['prototypes_used']} of {round(math.exp(r['log_k']))} prototypes are some scene's strongest")
 
 
 if __name__ == "__main__":
