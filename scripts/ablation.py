@@ -276,8 +276,9 @@ def main(argv):
         row = study_unit(variant, folder, flags + VARIANTS[variant], n, o, log)
         row["label"] = label
         rows.append(row)
+    portable = [{**r, "grid": r["grid"] and os.path.relpath(r["grid"], out)} for r in rows]  # movable with `out`
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "wall_s": time.time() - t0, "units_s": sum(r["seconds"] or 0 for r in rows),
+        json.dump({"rows": portable, "wall_s": time.time() - t0, "units_s": sum(r["seconds"] or 0 for r in rows),
                    "options": opts, "flags": flags}, f, indent=2)
     table = results_table(rows)
     md = [f"# {'Tokenizer scaling' if opts['scaling'] else 'Loss ablation'} in miniature", "",

@@ -43,7 +43,10 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
         assert (r["zero_shot"] is None) == (r["name"] in ("AE", "SSL+AE"))  # zero-shot only where CLIP is on
     assert rows[0]["flops"] < rows[-1]["flops"]
     with open(os.path.join(out, "results.json")) as f:
-        assert [r["name"] for r in json.load(f)["rows"]] == list(ablation.VARIANTS)
+        saved = json.load(f)["rows"]
+    assert [r["name"] for r in saved] == list(ablation.VARIANTS)
+    for r in saved:  # sample grids are named relative to the study folder, so results.json moves with it
+        assert not os.path.isabs(r["grid"]) and os.path.isfile(os.path.join(out, r["grid"]))
     md = open(os.path.join(out, "results.md")).read()
     assert all(f"| {v} |" in md for v in ablation.VARIANTS)
     for png in ("probe_vs_gfd.png", "probe_vs_gfd_cfg4.png"):  # one plot per guidance scale, both in results.md
