@@ -526,14 +526,15 @@ class FDFeatures:
 def probe_features(model, images, kind="cls_patch", n_blocks=1):
     """
     Frozen features for the linear probe / k-NN (Method §8). `cls_patch`: the normed [CLS] of each of the last
-    n_blocks blocks and the mean patch token of the last block, concatenated -> (B, (n_blocks + 1) D).
+    n_blocks blocks and the mean patch token of the last block, concatenated -> (B, (n_blocks + 1) D). `cls`: the
+    normed [CLS] of the last n_blocks blocks alone -> (B, n_blocks D) (DINO's k-NN features at n_blocks 1).
     `latent`: the bottleneck latent averaged over positions -> (B, latent_dim) (the paper's scaling plots).
     """
     if kind == "latent":
         return model.encode(images).float().mean(dim=(2, 3))  # (B, latent_dim)
     layers = model.intermediate_layers(images, n_blocks)
-    parts = [layer["cls"] for layer in layers] + [layers[-1]["patches"].mean(dim=1)]
-    return torch.cat(parts, dim=1).float()  # (B, (n_blocks + 1) D)
+    parts = [layer["cls"] for layer in layers] + ([layers[-1]["patches"].mean(dim=1)] if kind == "cls_patch" else [])
+    return torch.cat(parts, dim=1).float()  # (B, (n_blocks + 1) D), or (B, n_blocks D) for `cls`
 
 
 def _amp(cfg, device):
@@ -811,7 +812,8 @@ def run_probe(E):
     knn = topk_accuracy(knn_classify(train_x, train_y, val_x, num_classes, e.knn_k, e.knn_temperature), val_y)
     lin = linear_probe(train_x, train_y, val_x, val_y, num_classes, lrs=e.probe_lrs, epochs=e.probe_epochs,
                        batch_size=e.probe_batch_size, seed=cfg.run.seed)
-    desc = "pooled latent" if e.probe_features == "latent" else f"[CLS] of last {e.probe_blocks} + mean patch"
+    desc = {"latent": "pooled latent", "cls": f"[CLS] of last {e.probe_blocks}",
+            "cls_patch": f"[CLS] of last {e.probe_blocks} + mean patch"}[e.probe_features]
     return {"features": desc, "feature_dim": train_x.shape[1], "num_train": len(train_y), "num_val": len(val_y),
             "linear_top1": lin["top1"], "linear_top5": lin["top5"], "best_lr": lin["best_lr"],
             "per_lr_top1": lin["per_lr"], f"knn{e.knn_k}_top1": knn["top1"], f"knn{e.knn_k}_top5": knn["top5"]}

@@ -255,7 +255,9 @@ class EvalConfig:
     ref_stats: str = ""  # gen: reference statistics .npz; empty = cached next to eval.out
     class_names: str = ""  # zero-shot: text file, one class name per line in label order; empty = the dataset's
     templates: str = "auto"  # zero-shot prompts: auto (simple for builtin, CLIP's 80 otherwise) | clip | simple
-    probe_features: str = "cls_patch"  # probe: cls_patch (normed [CLS] of last blocks + mean patch) | latent (pooled)
+    # probe / k-NN features: cls_patch (normed [CLS] of the last blocks + mean patch; DINOv2's linear probe) | cls
+    # (normed [CLS] of the last blocks alone; DINO's k-NN) | latent (the pooled bottleneck latent)
+    probe_features: str = "cls_patch"
     probe_blocks: int = 1  # probe: number of last blocks whose [CLS] is concatenated (1 or 4)
     probe_lrs: tuple = (0.001, 0.01, 0.1, 1.0)  # probe: learning-rate grid (best on val is reported)
     probe_epochs: int = 100  # probe: epochs over the cached features
@@ -381,7 +383,7 @@ CHOICES = {
     "dit.patch_size": (1, 2),
     "sample.sampler": ("euler", "heun"),
     "eval.templates": ("auto", "clip", "simple"),
-    "eval.probe_features": ("cls_patch", "latent"),
+    "eval.probe_features": ("cls_patch", "cls", "latent"),
 }
 
 

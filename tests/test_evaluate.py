@@ -463,6 +463,7 @@ def test_probe_feature_kinds(tiny_ckpt):
     assert f.shape == (2, 2 * cfg.encoder.width)
     feats = model.features(x)
     assert torch.allclose(f, torch.cat([feats["cls"], feats["patches"].mean(1)], dim=1), atol=1e-5)
+    assert torch.allclose(ev.probe_features(model, x, "cls"), feats["cls"], atol=1e-5)  # DINO's k-NN features
 
 
 def test_merge_keeps_checkpoint_data_and_applies_flags():
