@@ -136,7 +136,7 @@ class DataConfig:
     local_crop_scale: tuple = (0.2, 0.5)  # RandomResizedCrop scale range of local crops
     local_crop_size: int = 0  # local crop side; 0 = patch * round(grid * 7/16) (112 for 256 px)
     # SSL colour augmentation, DINOv2's in every preset: jitter applied with p 0.8, then grayscale. On the built-in
-    # scenes any hue and grayscale p 0.5 (`--data.color_jitter=0.4,0.4,0.4,0.5 --data.grayscale_p=0.5`) let SSL on
+    # scenes gray SSL crops (`--data.grayscale_p=1`; or any hue, `--data.color_jitter=0.4,0.4,0.4,0.5`) let SSL on
     # its own beat the AE's k-NN, but not the full run's features, so they are not the default (README, "What the
     # default CPU runs measure")
     color_jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # max brightness, contrast, saturation change and hue shift (turns)
