@@ -623,7 +623,7 @@ def load_judge(cfg, size, device="cpu"):
         state = torch.load(path, map_location="cpu", weights_only=False)
         judge = ShapeJudge(state["num_classes"])
         judge.load_state_dict(state["model"])
-        info = state["info"]
+        info = {**state["info"], "path": path}  # where it was loaded from, not where it was trained
     else:
         print0(f"training the judge on {num_images} built-in scenes at {size} px (once; saved to {path}) ...")
         x, y = labelled_images(cfg, "train", size, num_images)

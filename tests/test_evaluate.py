@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+import shutil
 import tempfile
 
 import numpy as np
@@ -594,6 +595,11 @@ def test_load_judge_trains_once_and_reuses(tmp_path, capsys):
     b, info2 = ev.load_judge(cfg, 32)
     assert "training the judge" not in capsys.readouterr().out and info2 == info
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    moved = tmp_path / "moved"  # a judge copied to another folder reports the file it was loaded from
+    moved.mkdir()
+    shutil.copy(info["path"], moved)
+    _, info3 = ev.load_judge(_judge_config(moved), 32)
+    assert info3["path"] == str(moved / os.path.basename(info["path"])) and info3["val_accuracy"] == info["val_accuracy"]
     cfg.data.dataset = "folder"
     with pytest.raises(ConfigError, match="built-in"):
         ev.load_judge(cfg, 32)
