@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from model import ConfigError
+from model import ConfigError, DataConfig
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -48,12 +48,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-# DINOv2 photometric augmentations (Method §5). The jitter strengths and the grayscale p are also configurable
-# (data.color_jitter, data.grayscale_p; DINOv2's values below by default) for ablations.
+# DINOv2 photometric augmentations (Method §5). The jitter strengths and the grayscale p are configurable for
+# ablations (data.color_jitter, data.grayscale_p); their defaults, DINOv2's, live in DataConfig.
 FLIP_P = 0.5
-COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+COLOR_JITTER = DataConfig.color_jitter  # brightness, contrast, saturation, hue
 COLOR_JITTER_P = 0.8
-GRAYSCALE_P = 0.2
+GRAYSCALE_P = DataConfig.grayscale_p
 BLUR_P = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
 BLUR_SIGMA = (0.1, 2.0)  # pixels at DINOv2's 224-px crops ...
 BLUR_REF_SIZE = 224  # ... [ours] scaled by image_size/224 below that, so a 32-px image is not blurred to a blob
@@ -218,7 +218,7 @@ def local_crop_size(cfg):
     return p * max(1, int(grid * 7 / 16 + 0.5))  # round half up
 
 
-def _augment(img, g, blur_p, solarize_p, blur_sigma, jitter=COLOR_JITTER, grayscale_p=GRAYSCALE_P):
+def _augment(img, g, blur_p, solarize_p, blur_sigma, jitter, grayscale_p):
     """DINOv2's photometric chain: flip, colour jitter, grayscale, blur, solarize, each with its probability."""
     if _rand(g) < FLIP_P:
         img = hflip(img)
