@@ -185,7 +185,7 @@ class TrainConfig:
     stage: int = 1  # 1 = joint pre-training, 2 = decoder GAN fine-tuning
     out_dir: str = "runs/pretrain"  # checkpoints, config.json, metrics.jsonl and previews go here
     init_from: str = ""  # stage 2: stage-1 checkpoint (file or folder); empty = latest in out_dir
-    max_steps: int = 1000  # optimizer steps (tiny: under 10 minutes on 2 idle CPU cores)
+    max_steps: int = 1000  # optimizer steps (tiny: 9-13 minutes on 2 idle CPU cores, by the day)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     log_every: int = 20  # steps between log lines / metrics.jsonl rows
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
@@ -337,15 +337,16 @@ def _tiny_preset():
     # 1.2 dB below, with the same probe, k-NN and zero-shot (measured with the Sinkhorn-Knopp teacher).
     # λ_ssl 0.25 [ours] (paper and S/B/L: 1). With the Sinkhorn-Knopp teacher, at 1 the SSL gradient cost the shared
     # encoder much of the shape CLIP teaches it in 1000 steps (linear probe / k-NN / zero-shot 87.7 / 68.0 / 75.3% vs
-    # 94.4 / 88.0 / 95.0% with SSL off; 93.9 / 85.3 / 92.7% at 0.25). With the centred teacher below, 0.1 gives no
-    # better features than 0.25 (88.5 / 74.2 / 81.5% vs 90.3 / 72.3 / 81.2%) (README, "What the default CPU runs
-    # measure").
+    # 94.4 / 88.0 / 95.0% with SSL off; 93.9 / 85.3 / 92.7% at 0.25). With the centred teacher below (and lr 1e-3, as
+    # for every number in this comment and the next), 0.1 gives no better features than 0.25 (88.5 / 74.2 / 81.5% vs
+    # 90.3 / 72.3 / 81.2%) (README, "What the default CPU runs measure").
     # Teacher targets by DINO's centering [ours for tiny; DINO's, and an option of DINOv2's] instead of Sinkhorn-Knopp
     # (S/B/L). Sinkhorn-Knopp balances the prototypes within one batch: over the 2*B_ssl = 32 teacher rows of the tiny
     # batch and K = 256 it hands each prototype 1/8 of a row, so (our reading) a row's target depends on its
-    # batch-mates, not only on its image. In the default run both heads then stayed within 0.45 / 0.70 nats of log K;
-    # with the centre (an EMA over batches) they leave it by 1.6 / 2.9 and the PSNR gap to the AE shrinks from 1.06 to
-    # 0.67 dB, at a cost in shape features (k-NN 72.3% vs 85.3%) (README, "What the default CPU runs measure").
+    # batch-mates, not only on its image. In the default run (lr 1e-3) both heads then stayed within 0.45 / 0.70
+    # nats of log K; with the centre (an EMA over batches) they leave it by 1.6 / 2.9 and the PSNR gap to the AE
+    # shrinks from 1.06 to 0.67 dB, at a cost in shape features (k-NN 72.3% vs 85.3%) (README, "What the default CPU
+    # runs measure").
     c.loss = LossConfig(lambda_rec=0.5, lambda_ssl=0.25, teacher_norm="centering")
     return c
 
