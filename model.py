@@ -328,9 +328,9 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
 
 def _tiny_preset():
     c = Config(preset="tiny")  # the dataclass defaults are the tiny preset
-    # peak lr 1e-3 [ours]. At 2e-3 CLIP gets further into learning shape by step 1000 on two seeds (k-NN 85.1 / 83.8%
-    # at seeds 0 / 4, against 72.3 / 74.8%), but on seed 1 its loss stalls near 2.9 from step 200 and it never learns
-    # shape (zero-shot 14.8%): too fast to be a default (README, "What the default CPU runs measure").
+    # peak lr 1e-3 [ours]. At 2e-3 CLIP gets further into learning shape by step 1000 on three seeds (k-NN 85.1 / 83.8 /
+    # 90.1% at seeds 0 / 4 / 2, against 72.3 / 74.8 / 79.5%), but on seed 1 its loss stalls near 2.9 from step 200 and
+    # it never learns shape (zero-shot 14.8%): too risky for a default (README, "What the default CPU runs measure").
     c.optim = OptimConfig(lr=1e-3, lr_ref_batch=64, warmup_frac=0.05, text_lr_mult=0.3)
     # λ_rec 0.5 [ours] (paper and S/B/L: 0.1). The tiny default has no LPIPS weights, so L_rec is L1 alone, and B_rec
     # is 8 of 64: at 0.1 the latent's PSNR was 3.3 dB below an AE-only run of the same steps and λ_rec, at 0.5 it was
