@@ -10,7 +10,7 @@ constant lr after a short warm-up) on cached built-in scenes. Every --every step
     tacc   how well the *text* features of the train captions separate the shapes (nearest class centroid)
     pcos   mean cosine between the prompt features of two different shapes (1.00 = the shape word is erased)
 
-    python scripts/clip_shape_diagnostic.py                       # B=64, lr 1e-3, text lr x0.3 (the tiny B and text multiplier)
+    python scripts/clip_shape_diagnostic.py                       # B=64, lr 1e-3, text lr x0.3 (tiny B, multiplier)
     python scripts/clip_shape_diagnostic.py --text_lr_mult=1      # one lr: tacc falls and pcos goes to 1.00
     python scripts/clip_shape_diagnostic.py --batch=32
 
