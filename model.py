@@ -338,8 +338,9 @@ def _tiny_preset():
     # λ_rec 2.0 [ours] (paper and S/B/L: 0.1). The tiny default has no LPIPS weights, so L_rec is L1 alone, and B_rec
     # is 8 of 64. At the paper's 0.1 (lr 1e-3) the latent's PSNR was 3.3 dB below an AE-only run of the same steps and
     # λ_rec; at 0.5 it was 0.67 dB below at lr 1e-3 but 1.90 dB below at lr 2e-3 (seed 0). At 2.0 over seeds 0-4 the
-    # PSNR is 25.06-25.68 dB (23.98-25.01 at 0.5), 0.76-1.22 dB below an AE of the same flags and seed (seeds 0, 1,
-    # 4), for 2.8-4.9 points of k-NN (84.2-89.5% vs 87.0-93.3% at 0.5) (README, "What the default CPU runs measure").
+    # PSNR is 25.06-25.68 dB (23.98-25.01 at 0.5), 0.26-1.22 dB below an AE of the same flags and seed (within 1 dB
+    # on four seeds of five), for 2.8-4.9 points of k-NN (84.2-89.5% vs 87.0-93.3% at 0.5) (README, "What the default
+    # CPU runs measure").
     # The λ_ssl and teacher choices below were measured at the earlier peak lr 1e-3 (50-step warm-up) and λ_rec 0.5.
     # λ_ssl 0.25 [ours] (paper and S/B/L: 1). With the Sinkhorn-Knopp teacher, at 1 the SSL gradient cost the shared
     # encoder much of the shape CLIP teaches it in 1000 steps (linear probe / k-NN / zero-shot 87.7 / 68.0 / 75.3% vs
