@@ -331,9 +331,9 @@ def _tiny_preset():
     # peak lr 2e-3 after a 150-step warm-up [ours]. At 1e-3 (50-step warm-up) the 1000 steps end in the middle of
     # CLIP's shape phase and the seed decides how far it got (k-NN 72.3-83.1% over seeds 0-4); at 2e-3 with the 50-step
     # warm-up CLIP gets through it on three seeds of four but stalls near 2.9 from step 200 on seed 1 (zero-shot
-    # 14.8%). With the longer warm-up every seed 0-4 learns shape (zero-shot 95.7-98.3%, k-NN 87.0-93.3%); the cost is
-    # the PSNR gap to an AE of the same recipe, 1.90 dB at seed 0 with λ_rec 0.5 (0.67 at 1e-3; the AE gains more from
-    # the higher lr), which λ_rec 2.0 below narrows (README, "What the default CPU runs measure").
+    # 14.8%). With the longer warm-up every seed 0-4 learns shape (zero-shot 95.7-98.3%, k-NN 87.0-93.3% at λ_rec
+    # 0.5); the cost is a wider PSNR gap to the AE, which λ_rec 2.0 below narrows (README, "What the default CPU runs
+    # measure").
     c.optim = OptimConfig(lr=2e-3, lr_ref_batch=64, warmup_frac=0.15, text_lr_mult=0.3)
     # λ_rec 2.0 [ours] (paper and S/B/L: 0.1). The tiny default has no LPIPS weights, so L_rec is L1 alone, and B_rec
     # is 8 of 64. At the paper's 0.1 (lr 1e-3) the latent's PSNR was 3.3 dB below an AE-only run of the same steps and
