@@ -49,8 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # DINOv2 photometric augmentations (Method §5). The jitter strengths and the grayscale p are configurable for
-# ablations (data.color_jitter, data.grayscale_p); their defaults, DINOv2's, live in DataConfig (the tiny preset turns
-# every SSL crop gray).
+# ablations (data.color_jitter, data.grayscale_p); their defaults, DINOv2's, live in DataConfig.
 FLIP_P = 0.5
 COLOR_JITTER = DataConfig.color_jitter  # brightness, contrast, saturation, hue
 COLOR_JITTER_P = 0.8
