@@ -102,6 +102,9 @@ class LossConfig:
     lpips_weight: float = 1.0  # weight of LPIPS inside L_rec (disabled when no weights are given)
     lpips_vgg_path: str = ""  # path to ImageNet VGG16 weights (vgg16-397923af.pth layout)
     lpips_lin_path: str = ""  # path to LPIPS v0.1 linear heads (lin0.model.1.weight ... lin4...)
+    # "auto": LPIPS when both weight paths are given, else L1 alone (tiny); "on": the weights are required (S/B/L:
+    # the paper's L_rec), a missing path stops the run at start-up; "off": L1 alone, said in the log
+    lpips: str = "auto"
     koleo_weight: float = 0.1  # weight of the KoLeo regularizer inside L_ssl
     student_temp: float = 0.1  # student softmax temperature
     teacher_temp: float = 0.04  # teacher temperature after warm-up (S/B/L: 0.07, DINOv2; tiny: 0.02 throughout, ours)
@@ -144,6 +147,8 @@ class DataConfig:
     mask_min_patches: int = 4  # smallest block of a BEiT-style mask
     mask_aspect: tuple = (0.3, 3.33)  # aspect-ratio range of mask blocks
     num_workers: int = 0  # data-loader worker processes per rank
+    shuffle_buffer: int = 0  # tar shards: samples in each reader's shuffle buffer (0 = stored order)
+    shuffle_shards: int = 1  # tar shards: shards each reader has open at once, interleaved into the buffer
     builtin_train_size: int = 1_000_000  # number of distinct built-in training scenes
     builtin_val_size: int = 1000  # number of built-in validation scenes
     seed: int = 0  # data seed
@@ -174,7 +179,9 @@ class RunConfig:
     """Where and how any stage runs (pretrain.py, train_dit.py, evaluate.py): one section, read by each script."""
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" (with a GradScaler) | "fp32"
-    compile: bool = False  # torch.compile the trained module
+    compile: bool = False  # torch.compile each transformer block (regional: one graph per block shape, reused)
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug a compile problem)
+    dist_timeout_min: int = 60  # process-group timeout (minutes): the other ranks wait this long for rank 0's save
     seed: int = 0  # initial weights and every torch.Generator (with rank and step); evaluation: probe and samples
 
 
@@ -185,6 +192,9 @@ class TrainConfig:
     init_from: str = ""  # stage 2: stage-1 checkpoint (file or folder); empty = latest in out_dir
     max_steps: int = 1000  # optimizer steps (tiny: 9-13 minutes on 2 idle CPU cores, by the day)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
+    grad_checkpoint: bool = False  # recompute each transformer block in the backward (S/B/L: on); same gradients
+    keep_ckpts: int = 3  # newest ckpt_*.pt kept in out_dir (0 = all)
+    stage2_batch_size: int = 0  # stage 2: images per process per step (0 = data.batch_size)
     log_every: int = 20  # steps between log lines / metrics.jsonl rows
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     preview_every: int = 250  # steps between reconstruction preview PNGs
@@ -392,6 +402,8 @@ CHOICES = {
     "preset": tuple(PRESETS),
     "encoder.rope_dtype": ("bf16", "fp32"),
     "loss.teacher_norm": ("sinkhorn", "centering"),
+    "loss.lpips": ("auto", "on", "off"),
+    "run.compile_backend": ("inductor", "aot_eager", "eager"),
     "data.dataset": ("builtin", "folder", "jsonl", "tar", "imagenet"),
     "train.stage": (1, 2),
     "run.amp": ("auto", "bf16", "fp16", "fp32"),
@@ -491,6 +503,10 @@ def validate_config(cfg):
                 "dit.batch_size", "dit.max_steps", "sample.num_steps", "sample.batch_size"):
         need(_get(cfg, key) >= 1, key, "must be >= 1")
     need(cfg.data.holdout >= 0, "data.holdout", "must be >= 0")
+    for key in ("data.shuffle_buffer", "train.keep_ckpts", "train.stage2_batch_size"):
+        need(_get(cfg, key) >= 0, key, "must be >= 0")
+    for key in ("data.shuffle_shards", "run.dist_timeout_min"):
+        need(_get(cfg, key) >= 1, key, "must be >= 1")
     cj = cfg.data.color_jitter
     need(len(cj) == 4 and min(cj) >= 0 and cj[3] <= 0.5, "data.color_jitter",
          "must be four numbers brightness,contrast,saturation,hue, each >= 0, hue <= 0.5")
