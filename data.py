@@ -14,13 +14,16 @@ the README's Method section. This file holds:
 
 How the stage scripts use it:
 
-    tokenizer = build_tokenizer(cfg)              # or tokenizer_from_state(ckpt["tokenizer"])
+    tokenizer = build_tokenizer(cfg)                # or tokenizer_from_state(ckpt["tokenizer"])
     loader = build_pretrain_loader(cfg, tokenizer, rank, world_size)
-    batch = next(loader)                          # dict, see BatchMaker; loader.state_dict() goes in checkpoints
+    batch = batch_to_device(next(loader), device)   # dict, see BatchMaker; uint8 images normalized on the device
+    state = loader.state_dict()                     # this rank's position; a checkpoint holds every rank's (a list)
+    loader.load_state_dict(states)                  # on resume: that list, on any number of processes
     for batch in build_eval_loader(cfg, "val", image_size, batch_size, rank, world_size): ...
 """
 
 import copy
+import functools
 import gzip
 import hashlib
 import html
@@ -92,6 +95,28 @@ def to_tensor(img):
 
 def _to_uint8(img):
     return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+
+
+def _stack_uint8(images):
+    """Same-size PIL RGB images -> uint8 (N, 3, H, W) in [0, 255]; `batch_to_device` normalizes them on the device."""
+    x = np.stack([np.asarray(im.convert("RGB")) for im in images])  # (N, H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (N, 3, H, W)
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats_255(device):
+    """ImageNet mean and std times 255 as float32 (3, 1, 1) on `device`, made once per device: a copy of a small
+    host tensor to the GPU waits for the queued work, so it must not happen every step."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255
+    return mean.to(device), std.to(device)
+
+
+def normalize_uint8(x):
+    """uint8 images (..., 3, H, W) in [0, 255] -> ImageNet-normalized float32 on x's device, with the arithmetic of
+    `_stack_normalized` ((x - 255 mean) / (255 std) in float32)."""
+    mean, std = _imagenet_stats_255(x.device)
+    return (x.float() - mean) / std
 
 
 def _stack_normalized(images):
@@ -277,6 +302,11 @@ def block_mask(grid, num_masked, max_masked, min_patches, aspect, g):
     return torch.from_numpy(mask)
 
 
+def mask_capacity(n, N, mask_prob, mask_ratio):
+    """(crops that make_masks masks, most patches it masks in one crop) for n crops of N patches."""
+    return int(n * mask_prob), int(mask_ratio[1] * N)
+
+
 def make_masks(n, grid, mask_prob, mask_ratio, min_patches, aspect, g):
     """
     iBOT masks for n global crops -> (n, grid*grid) bool, row-major patches. int(n * mask_prob) random rows get a
@@ -284,28 +314,50 @@ def make_masks(n, grid, mask_prob, mask_ratio, min_patches, aspect, g):
     """
     N = grid * grid
     masks = torch.zeros(n, N, dtype=torch.bool)
-    n_masked = int(n * mask_prob)
+    n_masked, cap = mask_capacity(n, N, mask_prob, mask_ratio)
     edges = torch.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1).tolist()
-    cap = int(mask_ratio[1] * N)
     for k, row in enumerate(torch.randperm(n, generator=g)[:n_masked].tolist()):
         target = min(math.ceil(_uniform(g, edges[k], edges[k + 1]) * N), cap)
         masks[row] = block_mask(grid, target, cap, min_patches, aspect, g).flatten()
     return masks
 
 
+def padded_mask_indices(masks, size):
+    """
+    The masked patches of iBOT masks (n, N) bool as a static-shape list, as DINOv2 pads it: mask_indices (size,)
+    int64 = the flat indices of the True entries of masks.flatten() (image-major, then patch), then 0s; mask_weight
+    (size,) float32 = 1 / (masked patches of the entry's crop), 0 for padding, so every masked crop weighs 1 in total.
+    """
+    flat = masks.flatten().nonzero().flatten()  # (M,)
+    if len(flat) > size:
+        raise ValueError(f"{len(flat)} masked patches do not fit the {size} slots of mask_indices")
+    counts = masks.sum(1)  # (n,) masked patches per crop
+    mask_indices = torch.zeros(size, dtype=torch.long)
+    mask_weight = torch.zeros(size, dtype=torch.float32)
+    mask_indices[: len(flat)] = flat
+    mask_weight[: len(flat)] = 1.0 / counts[flat // masks.shape[1]].float()
+    return mask_indices, mask_weight
+
+
 class BatchMaker:
     """
     Turns B samples into one pre-training batch (Method §1.2 batch trick and §5). Picklable, runs in loader workers.
     Randomness: sample i's crops from `torch.Generator(sample_seeds[i])`, subsets and masks from `batch_seed`.
-    The batch dict (S = encoder.image_size, s = local crop size, p = patch size):
-      images       (B, 3, S, S)  ADM centre crops, ImageNet-normalized, for CLIP (no flip: captions say left/right)
+    Images leave the worker as uint8 in [0, 255], a quarter of float32's bytes in shared memory and in the copy to
+    the GPU; `batch_to_device` moves the batch and ImageNet-normalizes them there. The batch dict (S =
+    encoder.image_size, s = local crop size, p = patch size, N = (S/p)^2):
+      images       (B, 3, S, S) uint8 ADM centre crops for CLIP (no flip: captions say left/right)
       tokens       (B, context_length) int64; captions: list of B str; labels (B,) int64 if the data is labelled
       ssl_index    (B_ssl,) int64, sorted random subset for SSL; rec_index (B_rec,) the same for reconstruction
-      global_crops (2*B_ssl, 3, S, S) crop-major: crop 0 of every SSL image, then crop 1
-      local_crops  (n_local*B_ssl, 3, s, s) crop-major, or (0, 3, s, s)
-      masks        (2*B_ssl, (S/p)^2) bool iBOT masks aligned with global_crops; mask_indices = flat indices of
-                   the True entries of masks.flatten()
-      rec_images   (B_rec, 3, S, S) = images[rec_index]
+      global_crops (2*B_ssl, 3, S, S) uint8, crop-major: crop 0 of every SSL image, then crop 1
+      local_crops  (n_local*B_ssl, 3, s, s) uint8, crop-major, or (0, 3, s, s)
+      masks        (2*B_ssl, N) bool iBOT masks aligned with global_crops
+      mask_indices (M_max,) int64 flat indices into masks.flatten() of its True entries (image-major, then patch),
+                   then padding 0s. M_max = int(2*B_ssl*mask_prob) * int(mask_ratio[1]*N), the most make_masks can
+                   mask, so the shape is the same every batch and a compiled step never sees a new one
+      mask_weight  (M_max,) float32: 1 / (masked patches of that entry's crop), 0 for padding; sums to the number
+                   of masked crops
+    batch_to_device adds rec_images (B_rec, 3, S, S) = images[rec_index], gathered on the device.
     """
 
     def __init__(self, cfg, tokenizer):
@@ -313,32 +365,56 @@ class BatchMaker:
         self.image_size, self.patch_size = cfg.encoder.image_size, cfg.encoder.patch_size
         self.local_size = local_crop_size(cfg)
         self.blur_sigma = tuple(s * min(1.0, self.image_size / BLUR_REF_SIZE) for s in BLUR_SIGMA)
+        n_crops, N = 2 * cfg.data.ssl_batch_size, (self.image_size // self.patch_size) ** 2
+        n_masked, cap = mask_capacity(n_crops, N, cfg.data.mask_prob, cfg.data.mask_ratio)
+        self.max_masked = n_masked * cap  # M_max
 
     def __call__(self, samples, sample_seeds, batch_seed):
         d, B, S = self.data, len(samples), self.image_size
         g = _generator(batch_seed)
         ssl_index = torch.randperm(B, generator=g)[: d.ssl_batch_size].sort().values
         rec_index = torch.randperm(B, generator=g)[: d.rec_batch_size].sort().values
-        images = _stack_normalized([adm_center_crop(s["image"], S) for s in samples])  # (B, 3, S, S)
+        images = _stack_uint8([adm_center_crop(s["image"], S) for s in samples])  # (B, 3, S, S)
         views = [[] for _ in range(2 + d.num_local_crops)]  # views[c][i]: crop c of SSL image i
         for i in ssl_index.tolist():
             crops = multicrop(samples[i]["image"], _generator(sample_seeds[i]), S, self.local_size, d.num_local_crops,
                               d.global_crop_scale, d.local_crop_scale, self.blur_sigma, d.color_jitter, d.grayscale_p)
             for c, crop in enumerate(crops):
                 views[c].append(crop)
-        global_crops = _stack_normalized(views[0] + views[1])  # (2*B_ssl, 3, S, S), crop-major
-        local_crops = (_stack_normalized([x for v in views[2:] for x in v]) if d.num_local_crops
-                       else torch.empty(0, 3, self.local_size, self.local_size))  # (n_local*B_ssl, 3, s, s)
+        global_crops = _stack_uint8(views[0] + views[1])  # (2*B_ssl, 3, S, S), crop-major
+        local_crops = torch.empty(0, 3, self.local_size, self.local_size, dtype=torch.uint8)  # no local crops
+        if d.num_local_crops:
+            local_crops = _stack_uint8([x for v in views[2:] for x in v])  # (n_local*B_ssl, 3, s, s), crop-major
         masks = make_masks(len(global_crops), S // self.patch_size, d.mask_prob, d.mask_ratio, d.mask_min_patches,
                            d.mask_aspect, g)  # (2*B_ssl, N)
+        mask_indices, mask_weight = padded_mask_indices(masks, self.max_masked)  # (M_max,), (M_max,)
         captions = [s["caption"] for s in samples]
         batch = {"images": images, "tokens": self.tokenizer(captions), "captions": captions,
-                 "global_crops": global_crops, "local_crops": local_crops,
-                 "masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
-                 "rec_images": images[rec_index], "ssl_index": ssl_index, "rec_index": rec_index}
+                 "global_crops": global_crops, "local_crops": local_crops, "masks": masks,
+                 "mask_indices": mask_indices, "mask_weight": mask_weight, "ssl_index": ssl_index,
+                 "rec_index": rec_index}
         if "label" in samples[0]:
             batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         return batch
+
+
+IMAGE_KEYS = ("images", "global_crops", "local_crops", "rec_images")  # uint8 in a loader batch, float on the device
+
+
+def batch_to_device(batch, device):
+    """
+    A pre-training batch (BatchMaker) ready for the step on `device`, as a new dict: every tensor copied with
+    non_blocking=True (the loader pins its memory on CUDA), the uint8 IMAGE_KEYS ImageNet-normalized to float32
+    there, and rec_images (B_rec, 3, S, S) = images[rec_index] gathered there when the batch has none, so the
+    reconstruction subset is not copied twice. Float images (a synthetic batch) and captions pass through as they are.
+    """
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    for key in IMAGE_KEYS:
+        if key in out and out[key].dtype == torch.uint8:
+            out[key] = normalize_uint8(out[key])  # (N, 3, H, W) float32
+    if "rec_images" not in out and "rec_index" in out:
+        out["rec_images"] = out["images"].index_select(0, out["rec_index"])  # (B_rec, 3, S, S); never syncs
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -410,31 +486,50 @@ class _MapBatches(torch.utils.data.IterableDataset):
         return {"epoch": epoch, "offset": n * self.B * self.world_size}  # offset: samples of the epoch consumed
 
     def load_state_dict(self, state):
+        """A state or the list of every rank's (all equal: each rank consumes as many batches); exact on any
+        world size, the position being global."""
+        state = state[0] if isinstance(state, list) else state
         self.t = state["epoch"] * self.batches_per_epoch + state["offset"] // (self.B * self.world_size)
 
 
 class _TarBatches(torch.utils.data.IterableDataset):
     """
     Batches of tar shards. Each loader worker is one reader (max(1, num_workers) per rank) that streams its own
-    shards (TarShards.stream) and emits whole batches; the DataLoader returns the workers' batches round-robin.
-    The position is the (epoch, shard cursor, key group) after the last consumed batch of every reader plus the
-    number of batches consumed; resuming is exact with the same num_workers and world size (else: epoch restart).
+    shard groups (TarShards.reader_groups) through its shuffle buffer (TarShards.stream) and emits whole batches;
+    the DataLoader returns the workers' batches round-robin. A reader's position is [epoch, group, items of the
+    group emitted] after the last consumed batch; with the number of batches consumed it is this rank's state.
+    Resuming on the same layout (world size, readers per rank, shuffle settings) is exact; on another one the epoch
+    goes on without the shards that every old reader had finished (`_resume_on_new_layout`).
     """
 
-    def __init__(self, shards, maker, batch_size, seed, rank, world_size, num_workers):
+    def __init__(self, shards, maker, batch_size, seed, rank, world_size, num_workers, shuffle_shards=1,
+                 shuffle_buffer=0):
         self.shards, self.maker, self.B, self.seed = shards, maker, batch_size, seed
         self.rank, self.world_size, self.num_readers = rank, world_size, max(1, num_workers)
+        self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
+        if len(shards.urls) < world_size * self.num_readers:
+            raise ConfigError(f"data.path has {len(shards.urls)} tar shards but {world_size} process(es) x "
+                              f"{self.num_readers} reader(s) (data.num_workers={num_workers}) = "
+                              f"{world_size * self.num_readers} readers need at least one shard each: lower "
+                              "data.num_workers or write more shards")
         self.consumed, self.positions = 0, [[0, 0, 0] for _ in range(self.num_readers)]
+        self.partial = None  # [epoch, shards]: an epoch resumed on another layout reads only these shards
+
+    def groups(self, epoch, reader):
+        """The shard groups of this rank's reader `reader` in `epoch`."""
+        only = self.partial[1] if self.partial and self.partial[0] == epoch else None
+        return self.shards.reader_groups(epoch, self.seed, self.rank, self.world_size, reader, self.num_readers,
+                                         self.shuffle_shards, only)
 
     def __iter__(self):
         w, _ = _worker()
         r = (w + self.consumed) % self.num_readers  # the reader whose batch comes next goes first
-        reader, num_readers = self.rank * self.num_readers + r, self.world_size * self.num_readers
-        epoch, cursor, k = self.positions[r]
+        epoch, *start = self.positions[r]
         samples, seeds, first = [], [], None
         while True:
-            got, whole_epoch = 0, (cursor, k) == (0, 0)
-            for cursor, k, shard, sample in self.shards.stream(epoch, reader, num_readers, self.seed, (cursor, k)):
+            groups, got = self.groups(epoch, r), 0
+            for (group, n), shard, k, sample in self.shards.stream(epoch, groups, self.seed, self.shuffle_buffer,
+                                                                    start):
                 if sample is None:
                     continue
                 got += 1
@@ -442,14 +537,14 @@ class _TarBatches(torch.utils.data.IterableDataset):
                 seeds.append(_seed("sample", self.seed, epoch, shard, k))
                 first = first or (epoch, shard, k)
                 if len(samples) == self.B:
-                    batch = self.maker(samples, seeds, _seed("batch", self.seed, reader, *first))
-                    batch["_position"] = (r, epoch, cursor, k + 1)
+                    batch = self.maker(samples, seeds, _seed("batch", self.seed, *first))
+                    batch["_position"] = (r, epoch, group, n) if group < len(groups) else (r, epoch + 1, 0, 0)
                     yield batch
                     samples, seeds, first = [], [], None
-            if got == 0 and whole_epoch:
-                raise RuntimeError(f"tar reader {reader} of {num_readers}: a whole epoch without a usable sample "
-                                   "(fewer samples than readers? lower data.num_workers)")
-            epoch, cursor, k = epoch + 1, 0, 0
+            if got == 0 and start == [0, 0] and not (self.partial and self.partial[0] == epoch):
+                raise RuntimeError(f"tar reader {r} of rank {self.rank}: a whole epoch of {len(groups)} shard groups "
+                                   "without a usable sample (are its shards empty?)")
+            epoch, start = epoch + 1, [0, 0]
 
     def advance(self, position):
         r, *pos = position
@@ -457,23 +552,69 @@ class _TarBatches(torch.utils.data.IterableDataset):
         self.consumed += 1
 
     def state_dict(self):
-        return {"epoch": min(p[0] for p in self.positions), "offset": self.consumed,
-                "positions": [list(p) for p in self.positions], "world_size": self.world_size}
+        epoch = min(p[0] for p in self.positions)
+        return {"epoch": epoch, "batches": self.consumed, "rank": self.rank, "world_size": self.world_size,
+                "readers": [list(p) for p in self.positions], "num_shards": len(self.shards.urls),
+                "shuffle_shards": self.shuffle_shards, "shuffle_buffer": self.shuffle_buffer,
+                "partial": self.partial if self.partial and self.partial[0] >= epoch else None}
+
+    def _same_layout(self, state):
+        return (state["world_size"], len(state["readers"]), state["num_shards"], state["shuffle_shards"],
+                state["shuffle_buffer"]) == (self.world_size, self.num_readers, len(self.shards.urls),
+                                             self.shuffle_shards, self.shuffle_buffer)
 
     def load_state_dict(self, state):
-        if len(state.get("positions", [])) == self.num_readers and state.get("world_size") == self.world_size:
-            self.consumed, self.positions = state["offset"], [list(p) for p in state["positions"]]
+        """One rank's state, or the list of every rank's: exact on the same layout (this rank's entry), else the
+        list continues its epoch on this layout (`_resume_on_new_layout`), and anything less restarts the epoch."""
+        states = state if isinstance(state, list) else [state]
+        mine = [s for s in states if "readers" in s and s["rank"] == self.rank and self._same_layout(s)]
+        complete = (all("readers" in s for s in states) and sorted(s["rank"] for s in states) ==
+                    list(range(states[0]["world_size"])) and states[0]["num_shards"] == len(self.shards.urls))
+        if mine:
+            self.consumed, self.positions = mine[0]["batches"], [list(p) for p in mine[0]["readers"]]
+            self.partial = copy.deepcopy(mine[0]["partial"])
+        elif complete:
+            self._resume_on_new_layout(states)
         else:
-            print(f"data[tar]: the saved position was made with other num_workers/world size; restarting epoch "
-                  f"{state['epoch']} from its start", file=sys.stderr, flush=True)
-            self.consumed, self.positions = 0, [[state["epoch"], 0, 0] for _ in range(self.num_readers)]
+            epoch = min(s["epoch"] for s in states)
+            print(f"data[tar]: the saved position is not every rank's, or from other data or an older version; "
+                  f"restarting epoch {epoch} from its start", file=sys.stderr, flush=True)
+            self.consumed, self.positions, self.partial = 0, [[epoch, 0, 0] for _ in range(self.num_readers)], None
+
+    def _resume_on_new_layout(self, states):
+        """
+        Continue the earliest unfinished epoch E of a run saved on another layout (`states`: every old rank's) with
+        the shards no old reader had finished: those of each old reader still in E from its current group on (a
+        partly read group is read again in full). A reader already past E had finished all of its E shards; what
+        it read of E + 1 is read again in E + 1.
+        """
+        epoch = min(p[0] for s in states for p in s["readers"])
+        old = next((s["partial"][1] for s in states if s["partial"] and s["partial"][0] == epoch), None)
+        pending, partly = set(), 0
+        for s in states:
+            for reader, (e, group, n) in enumerate(s["readers"]):
+                if e == epoch:
+                    groups = self.shards.reader_groups(epoch, self.seed, s["rank"], s["world_size"], reader,
+                                                       len(s["readers"]), s["shuffle_shards"], old)
+                    pending.update(shard for g in groups[group:] for shard in g)
+                    partly += n > 0
+        self.consumed, self.partial = 0, [epoch, sorted(pending)]
+        self.positions = [[epoch, 0, 0] for _ in range(self.num_readers)]
+        if self.rank == 0:
+            s = states[0]
+            print(f"data[tar]: the saved position is from {s['world_size']} process(es) x {len(s['readers'])} "
+                  f"reader(s), this run has {self.world_size} x {self.num_readers}: epoch {epoch} goes on with the "
+                  f"{len(pending)} of its {len(old or self.shards.urls)} shards not fully read ({partly} partly read "
+                  "shard group(s) are read again in full)", file=sys.stderr, flush=True)
 
 
 class PretrainLoader:
     """
-    Infinite iterator of pre-training batches (see BatchMaker) with a resumable position:
-    `state_dict()` after any number of `next()` calls, then `load_state_dict()` on a new loader (before or
-    during iteration) continues with the next unseen batch.
+    Infinite iterator of pre-training batches (see BatchMaker; `batch_to_device` moves one to the GPU) with a
+    resumable position: `state_dict()` after any number of `next()` calls is this rank's small picklable state;
+    `load_state_dict()` on a new loader (before or during iteration), given that state or the list of every rank's
+    states, continues with the next unseen batch. On another world size or data.num_workers, map-style data still
+    continues exactly; tar shards continue their epoch without the shards already read (_TarBatches).
     """
 
     def __init__(self, stream, num_workers):
@@ -543,9 +684,18 @@ def held_out(dataset, n, split):
         view.items = [item for item in dataset.items if (item[0] in chosen) == (split == "val")]
         what = f"{n} evenly spaced of {len(paths)} images"
     if split == "train":
-        print(f"data: no data.val_path: {what} are held back for validation and previews (not trained on)",
-              file=sys.stderr, flush=True)
+        _print_once(f"data: no data.val_path: {what} are held back for validation and previews (not trained on)")
     return view
+
+
+_PRINTED = set()  # messages `_print_once` has printed in this process
+
+
+def _print_once(message):
+    """Print to stderr unless this process printed the same message before (build_dataset runs several times)."""
+    if message not in _PRINTED:
+        _PRINTED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def build_tokenizer(cfg):
@@ -586,14 +736,17 @@ def _map_captions(dataset, n):
 def build_pretrain_loader(cfg, tokenizer, rank=0, world_size=1):
     """
     The infinite, resumable stream of pre-training batches of this rank (per-process batch = data.batch_size;
-    keys in BatchMaker), with data.num_workers worker processes. Pass `loader.state_dict()` to checkpoints and
-    `loader.load_state_dict(state)` on resume.
+    keys in BatchMaker), with data.num_workers worker processes. Pass `loader.state_dict()` of every rank to
+    checkpoints and `loader.load_state_dict(states)` on resume. Tar shards: each of the world_size x
+    max(1, data.num_workers) readers needs a shard of its own (a ConfigError here otherwise), and data.shuffle_shards /
+    data.shuffle_buffer set each reader's shuffle (TarShards.shuffled).
     """
     d = cfg.data
     dataset = build_dataset(cfg, "train")
     maker = BatchMaker(cfg, tokenizer)
     if isinstance(dataset, TarShards):
-        stream = _TarBatches(dataset, maker, d.batch_size, d.seed, rank, world_size, d.num_workers)
+        stream = _TarBatches(dataset, maker, d.batch_size, d.seed, rank, world_size, d.num_workers, d.shuffle_shards,
+                             d.shuffle_buffer)
     else:
         stream = _MapBatches(dataset, maker, d.batch_size, d.seed, rank, world_size)
     return PretrainLoader(stream, d.num_workers)
@@ -1324,6 +1477,23 @@ def expand_braces(pattern):
     return [p for o in options for p in expand_braces(head + o + tail)]
 
 
+def _pop_random(buffer, g):
+    """Remove and return a uniformly random item of the list `buffer` (order of the rest not kept)."""
+    j = int(torch.randint(len(buffer), (1,), generator=g))
+    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+    return buffer.pop()
+
+
+def _with_last(items):
+    """(item, whether it is the last one) for each item of an iterable: one item of look-ahead."""
+    it, end = iter(items), object()
+    item = next(it, end)
+    while item is not end:
+        following = next(it, end)
+        yield item, following is end
+        item = following
+
+
 def _decode_tar_sample(files):
     """{extension: bytes} of one key -> {"image", "caption"}, or raise UnreadableSample."""
     ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
@@ -1392,27 +1562,68 @@ class TarShards:
         except (tarfile.TarError, OSError, EOFError) as e:
             self.skips(url, f"unreadable tar shard, rest of it skipped ({type(e).__name__}: {e})")
 
-    def stream(self, epoch, reader, num_readers, seed, start=(0, 0)):
-        """
-        The samples of reader `reader` of `num_readers` (rank * workers_per_rank + worker) in `epoch`: shards in a
-        per-epoch random order, reader r takes shards r, r + num_readers, ... (or, with fewer shards than readers,
-        every shard and the key groups k of shard s with (k + s) % num_readers == r). Every sample goes to exactly
-        one reader.
-        Yields (cursor, k, shard, sample or None if skipped) from position start = (cursor, k) on.
-        """
+    def epoch_order(self, epoch, seed, only=None):
+        """The shard indices of `epoch` in a random order drawn from (seed, epoch); `only`: keep just those."""
         order = torch.randperm(len(self.urls), generator=_generator(_seed("shards", seed, epoch))).tolist()
-        mine, stride = (order[reader::num_readers], 1) if len(order) >= num_readers else (order, num_readers)
-        for cursor in range(start[0], len(mine)):
-            first = start[1] if cursor == start[0] else 0
-            for k, key, files in self.read_shard(mine[cursor], first):
-                if (k + mine[cursor]) % stride != reader % stride:
+        keep = None if only is None else set(only)
+        return order if keep is None else [s for s in order if s in keep]
+
+    def reader_groups(self, epoch, seed, rank=0, world_size=1, worker=0, num_workers=1, per_group=1, only=None):
+        """
+        The shards that loader worker `worker` of rank `rank` reads in `epoch`, as groups of `per_group` shards
+        (data.shuffle_shards) read together: rank r takes order[r::world_size] of the epoch's order, and worker w
+        of that rank takes [w::num_workers] of those. Every shard goes to exactly one reader, and a rank reads the
+        same shards whatever its number of workers.
+        """
+        mine = self.epoch_order(epoch, seed, only)[rank::world_size][worker::num_workers]
+        return [mine[i:i + per_group] for i in range(0, len(mine), per_group)]
+
+    def _keyed(self, shard):
+        for k, key, files in self.read_shard(shard):
+            yield shard, k, key, files
+
+    def shuffled(self, shards, buffer_size, g):
+        """
+        The key groups (shard, k, key, {ext: bytes}) of `shards`, read round-robin (one from each open shard in
+        turn) through a shuffle buffer of `buffer_size` items: each new item goes in, and while the buffer holds
+        more than buffer_size a random one (from generator g) comes out; at the end the buffer is drained in random
+        order. One shard with buffer_size 0 gives the stored order. Raw bytes only (memory: buffer_size times the
+        size of a stored sample); images are decoded when emitted, by `stream`.
+        """
+        open_shards, buffer = [self._keyed(shard) for shard in shards], []
+        while open_shards:
+            for it in list(open_shards):
+                item = next(it, None)
+                if item is None:
+                    open_shards.remove(it)
+                    continue
+                buffer.append(item)
+                if len(buffer) > buffer_size:
+                    yield _pop_random(buffer, g)
+        while buffer:
+            yield _pop_random(buffer, g)
+
+    def stream(self, epoch, groups, seed, buffer_size=0, start=(0, 0)):
+        """
+        The samples of one reader in `epoch`: its shard groups (`reader_groups`) one after the other, each through
+        `shuffled` with a generator seeded by (seed, epoch, the group's shards). The position (group, n) counts the
+        items of a group emitted so far; resuming from start = (group, n) replays that group from its start,
+        decoding nothing until item n + 1, so a resumed stream equals an uninterrupted one.
+        Yields (next position, shard, k, sample or None if unreadable); after a group's last item the next position
+        is (group + 1, 0).
+        """
+        for group in range(start[0], len(groups)):
+            skip = start[1] if group == start[0] else 0
+            items = self.shuffled(groups[group], buffer_size, _generator(_seed("shuffle", seed, epoch, *groups[group])))
+            for n, ((shard, k, key, files), last) in enumerate(_with_last(items), 1):
+                if n <= skip:
                     continue
                 try:
                     sample = _decode_tar_sample(files)
                 except UnreadableSample as e:
-                    self.skips(f"{self.urls[mine[cursor]]}:{key}", e)
+                    self.skips(f"{self.urls[shard]}:{key}", e)
                     sample = None
-                yield cursor, k, mine[cursor], sample
+                yield ((group + 1, 0) if last else (group, n)), shard, k, sample
 
     def __iter__(self):
         """Every usable sample once, shards in sorted order."""

@@ -49,7 +49,8 @@ def sample_grid(dataset, n):
 
 
 def crops_panel(batch, patch_size, n_images=4):
-    """Rows = SSL images; columns = global crops 1, 2 (iBOT-masked patches darkened), then the local crops at scale."""
+    """Rows = SSL images; columns = global crops 1, 2 (iBOT-masked patches darkened), then the local crops at scale.
+    `batch`: a loader batch after `data.batch_to_device` (normalized float images)."""
     def to_img(x):  # normalized (3, H, W) -> PIL
         return Image.fromarray((data.denormalize(x).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
 
@@ -104,10 +105,11 @@ def main(argv=None):
     print(f"wrote {path} ({cfg.data.dataset} data, {cfg.encoder.image_size} px)")
 
     # 2. one batch's multi-crop views and masks
-    batch = next(data.build_pretrain_loader(cfg, data.build_tokenizer(cfg)))
+    batch = next(data.build_pretrain_loader(cfg, data.build_tokenizer(cfg)))  # as the workers send it: uint8 images
     path = os.path.join(out, "builtin_crops.png")
-    crops_panel(batch, cfg.encoder.patch_size).save(path)
-    print(f"wrote {path}; batch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if torch.is_tensor(v)))
+    crops_panel(data.batch_to_device(batch, torch.device("cpu")), cfg.encoder.patch_size).save(path)
+    print(f"wrote {path}; loader batch: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                                                      for k, v in batch.items() if torch.is_tensor(v)))
 
     # 3. throughput of the full pipeline, at these settings and at 256 px
     d = cfg.data

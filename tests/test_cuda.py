@@ -19,12 +19,32 @@ SMALL = ["--encoder.depth=2", "--decoder.depth=1", "--text.depth=1", "--data.bat
 
 
 def batch_on(cfg, device, seed=0):
-    """A stage-1 batch from the built-in data (real crops, masks and captions)."""
+    """A stage-1 batch from the built-in data (real crops, masks and captions), normalized on the device."""
     import data
     tok = data.build_tokenizer(cfg)
     loader = data.build_pretrain_loader(cfg, tok, 0, 1)
-    b = next(loader)
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+    return data.batch_to_device(next(loader), device)
+
+
+def test_batch_to_device_on_the_gpu_matches_the_cpu():
+    """The uint8 loader batch normalized on the GPU equals the CPU normalization (float32 rounding), without a host
+    sync once the device's ImageNet constants exist."""
+    import data
+    cfg = parse_config(SMALL)
+    batch = next(data.build_pretrain_loader(cfg, data.build_tokenizer(cfg), 0, 1))
+    assert batch["images"].is_pinned()  # so that non_blocking copies are asynchronous
+    cpu = data.batch_to_device(batch, torch.device("cpu"))
+    data.batch_to_device(batch, torch.device("cuda"))  # warm-up: the constants are copied once per device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = data.batch_to_device(batch, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for key in ("images", "global_crops", "local_crops", "rec_images"):
+        assert gpu[key].is_cuda and gpu[key].dtype == torch.float32
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-6, atol=1e-6)
+    assert torch.equal(gpu["mask_indices"].cpu(), batch["mask_indices"])
 
 
 def stage1_setup(amp):

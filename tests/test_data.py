@@ -234,22 +234,43 @@ def make_shards(folder, sizes):
     return good
 
 
-@pytest.mark.parametrize("sizes", [(3, 4, 2, 5, 1), (2, 2, 3)])  # more shards than readers, and fewer
-def test_tar_shards_split_over_2_ranks_x_2_workers_cover_every_sample_once(tmp_path, sizes):
+def reader_captions(shards, epoch, rank, world_size, worker, num_workers, per_group=1, buffer=0, seed=0):
+    groups = shards.reader_groups(epoch, seed, rank, world_size, worker, num_workers, per_group)
+    return [s["caption"] for _, _, _, s in shards.stream(epoch, groups, seed, buffer) if s is not None]
+
+
+def test_tar_shards_split_over_2_ranks_x_2_workers_cover_every_sample_once(tmp_path):
+    sizes = (3, 4, 2, 5, 1)
     good = make_shards(tmp_path, sizes)
     shards = data.TarShards(str(tmp_path / f"{{00000..{len(sizes) - 1:05d}}}.tar"))
     assert len(shards.urls) == len(sizes)
     for epoch in (0, 1):
         seen = Counter()
+        order = shards.epoch_order(epoch, seed=0)
         for rank in range(2):
+            groups = [shards.reader_groups(epoch, 0, rank, 2, w, 2) for w in range(2)]
+            # rank first: a rank reads order[rank::2] whatever its number of workers, its workers split those
+            assert sorted(s for g in groups for group in g for s in group) == sorted(order[rank::2])
             for worker in range(2):
-                reader = rank * 2 + worker
-                mine = [s["caption"] for _, _, _, s in shards.stream(epoch, reader, 4, seed=0) if s is not None]
-                assert mine, reader  # every reader gets work, even with fewer shards than readers
+                mine = reader_captions(shards, epoch, rank, 2, worker, 2)
+                assert mine, (rank, worker)  # every reader gets work
                 seen.update(mine)
         assert seen == Counter(good)
     assert shards.skips.count == 4  # the caption-less and the corrupt sample, in each of 2 epochs
     assert sorted(s["caption"] for s in shards) == sorted(good)
+
+
+def test_tar_loader_needs_a_shard_per_reader(tmp_path):
+    make_shards(tmp_path, (2, 2, 3))
+    cfg = small_cfg(dataset="tar", path=str(tmp_path / "{00000..00002}.tar"), batch_size=2, ssl_batch_size=1,
+                    rec_batch_size=1, num_workers=2)
+    tok = data.BPETokenizer(300, 16)
+    with pytest.raises(ConfigError, match=r"data.path has 3 tar shards but 2 process\(es\) x 2 reader\(s\) "
+                                          r"\(data.num_workers=2\) = 4 readers .* lower data.num_workers"):
+        data.build_pretrain_loader(cfg, tok, rank=0, world_size=2)
+    cfg.data.num_workers = 0
+    for rank in range(3):  # 3 x 1 readers fit
+        assert next(data.build_pretrain_loader(cfg, tok, rank, world_size=3))["captions"]
 
 
 def test_brace_expansion():
@@ -444,17 +465,72 @@ def test_batch_maker_stacks_crops_crop_major():
     ds = data.BuiltinScenes("train", 32, 40)
     samples, seeds = [ds[i] for i in range(8)], list(range(100, 108))
     batch = maker(samples, seeds, batch_seed=7)
-    as_tensor = lambda img: data.normalize(data.to_tensor(img))  # noqa: E731
     B_ssl = len(batch["ssl_index"])
     for k, i in enumerate(batch["ssl_index"].tolist()):
         crops = data.multicrop(samples[i]["image"], torch.Generator().manual_seed(seeds[i]), 32, 16, 2,
                                cfg.data.global_crop_scale, cfg.data.local_crop_scale, blur_sigma=maker.blur_sigma,
                                jitter=cfg.data.color_jitter, grayscale_p=cfg.data.grayscale_p)
-        assert torch.allclose(batch["global_crops"][k], as_tensor(crops[0]), atol=1e-5)
-        assert torch.allclose(batch["global_crops"][B_ssl + k], as_tensor(crops[1]), atol=1e-5)
+        assert torch.equal(batch["global_crops"][k], data._to_uint8(crops[0]))  # the crop's own pixels, as uint8
+        assert torch.equal(batch["global_crops"][B_ssl + k], data._to_uint8(crops[1]))
         for c in range(2):
-            assert torch.allclose(batch["local_crops"][c * B_ssl + k], as_tensor(crops[2 + c]), atol=1e-5)
+            assert torch.equal(batch["local_crops"][c * B_ssl + k], data._to_uint8(crops[2 + c]))
     batches_equal(batch, maker(samples, seeds, batch_seed=7))  # a pure function of the seeds
+
+
+def test_batch_to_device_normalizes_like_the_float_pipeline():
+    """The worker's uint8 batch, normalized by batch_to_device, equals the ImageNet-normalized float32 stacks that
+    the loader made before (`_stack_normalized` of the same crops) to float32 rounding."""
+    cfg = small_cfg()
+    maker = data.BatchMaker(cfg, data.BPETokenizer(300, 32))
+    ds = data.BuiltinScenes("train", 32, 40)
+    samples, seeds = [ds[i] for i in range(8)], list(range(8))
+    batch = maker(samples, seeds, batch_seed=3)
+    out = data.batch_to_device(batch, torch.device("cpu"))
+    assert out is not batch and batch["images"].dtype == torch.uint8 and "rec_images" not in batch  # input kept
+    views = [data.multicrop(samples[i]["image"], torch.Generator().manual_seed(seeds[i]), 32, 16, 2,
+                            cfg.data.global_crop_scale, cfg.data.local_crop_scale, blur_sigma=maker.blur_sigma,
+                            jitter=cfg.data.color_jitter, grayscale_p=cfg.data.grayscale_p)
+             for i in batch["ssl_index"].tolist()]
+    images = data._stack_normalized([data.adm_center_crop(s["image"], 32) for s in samples])
+    expect = {"images": images, "rec_images": images[batch["rec_index"]],
+              "global_crops": data._stack_normalized([v[0] for v in views] + [v[1] for v in views]),
+              "local_crops": data._stack_normalized([v[2 + c] for c in range(2) for v in views])}
+    for key, x in expect.items():
+        assert out[key].dtype == torch.float32 and out[key].shape == x.shape, key
+        assert (out[key] - x).abs().max() <= 1e-6, key
+    for key in ("tokens", "masks", "mask_indices", "mask_weight", "ssl_index", "rec_index", "labels"):
+        assert torch.equal(out[key], batch[key]), key
+    assert out["captions"] is batch["captions"]  # non-tensors pass through
+    synthetic = {"images": torch.randn(2, 3, 4, 4), "rec_images": torch.randn(1, 3, 4, 4)}
+    assert all(torch.equal(v, synthetic[k]) for k, v in data.batch_to_device(synthetic, "cpu").items())
+
+
+def test_mask_indices_have_a_static_shape():
+    """mask_indices / mask_weight are padded to M_max = int(2*B_ssl*mask_prob) * int(mask_ratio[1]*N) whatever the
+    masks: the masked patches first (as masks.flatten().nonzero()), then index 0 with weight 0."""
+    cfg = small_cfg(mask_ratio=(0.1, 0.45))  # N = 64: cap = int(0.45 * 64) = 28 patches per crop
+    maker = data.BatchMaker(cfg, data.BPETokenizer(300, 32))
+    ds = data.BuiltinScenes("train", 32, 40)
+    samples = [ds[i] for i in range(8)]
+    M_max = int(2 * 4 * 0.5) * 28
+    counts = set()
+    for batch_seed in range(6):
+        batch = maker(samples, list(range(8)), batch_seed)
+        masks, idx, weight = batch["masks"], batch["mask_indices"], batch["mask_weight"]
+        assert idx.shape == weight.shape == (M_max,) and idx.dtype == torch.long and weight.dtype == torch.float32
+        real = masks.flatten().nonzero().flatten()
+        M = len(real)
+        counts.add(M)
+        assert torch.equal(idx[:M], real) and (idx[M:] == 0).all() and (weight[M:] == 0).all()
+        assert (weight[:M] > 0).all()
+        per_crop = torch.zeros(len(masks)).index_add_(0, idx // masks.shape[1], weight)  # padding adds 0 to crop 0
+        has_mask = masks.any(1)
+        assert torch.allclose(per_crop[has_mask], torch.ones(int(has_mask.sum())))
+        assert (per_crop[~has_mask] == 0).all() and weight.sum().item() == pytest.approx(int(has_mask.sum()))
+    assert len(counts) > 1  # the masked count varies, the shape does not
+    cfg.data.mask_prob = 0.0
+    batch = data.BatchMaker(cfg, data.BPETokenizer(300, 32))(samples, list(range(8)), 0)
+    assert batch["mask_indices"].shape == batch["mask_weight"].shape == (0,)
 
 
 @pytest.mark.parametrize("grid", [8, 16])
@@ -483,27 +559,32 @@ def test_pretrain_batch_layout():
     cfg = small_cfg()
     tok = data.BPETokenizer(300, 32)
     batch = next(data.build_pretrain_loader(cfg, tok))
-    assert batch["images"].shape == (8, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (8, 3, 32, 32) and batch["images"].dtype == torch.uint8
     assert batch["tokens"].shape == (8, 32) and (batch["tokens"].argmax(-1) > 0).all()
     assert len(batch["captions"]) == 8 and batch["labels"].shape == (8,)
     assert batch["global_crops"].shape == (8, 3, 32, 32) and batch["local_crops"].shape == (8, 3, 16, 16)
+    assert batch["global_crops"].dtype == batch["local_crops"].dtype == torch.uint8
     assert batch["masks"].shape == (8, 64) and batch["masks"].dtype == torch.bool
-    assert torch.equal(batch["mask_indices"], batch["masks"].flatten().nonzero().flatten())
+    M = int(batch["masks"].sum())
+    assert batch["mask_indices"].shape == batch["mask_weight"].shape == (4 * 32,)  # 4 masked crops x int(0.5 * 64)
+    assert torch.equal(batch["mask_indices"][:M], batch["masks"].flatten().nonzero().flatten())
     assert len(set(batch["ssl_index"].tolist())) == 4 and len(set(batch["rec_index"].tolist())) == 2
-    assert torch.equal(batch["rec_images"], batch["images"][batch["rec_index"]])
-    for key in ("images", "global_crops", "local_crops"):
-        x = data.denormalize(batch[key])
-        assert x.min() > -1e-4 and x.max() < 1 + 1e-4, key
+    assert "rec_images" not in batch  # gathered on the device from images
+    on_device = data.batch_to_device(batch, torch.device("cpu"))
+    assert torch.equal(on_device["rec_images"], on_device["images"][batch["rec_index"]])
+    for key in ("images", "global_crops", "local_crops", "rec_images"):
+        x = data.denormalize(on_device[key])
+        assert on_device[key].dtype == torch.float32 and x.min() > -1e-4 and x.max() < 1 + 1e-4, key
     # the CLIP images are the ADM centre crops of the samples, labels their shapes
     cfg.data.num_local_crops = 0
     batch = next(data.build_pretrain_loader(cfg, tok))
-    assert batch["local_crops"].shape == (0, 3, 16, 16)
+    assert batch["local_crops"].shape == (0, 3, 16, 16) and batch["local_crops"].dtype == torch.uint8
     ds = data.BuiltinScenes("train", 32, 40)
     by_caption = {ds.caption(i): i for i in range(40)}
     for row, caption in enumerate(batch["captions"]):
         sample = ds[by_caption[caption]]
-        expect = data.normalize(data.to_tensor(data.adm_center_crop(sample["image"], 32)))
-        assert torch.allclose(batch["images"][row], expect, atol=1e-5) and batch["labels"][row] == sample["label"]
+        expect = data._to_uint8(data.adm_center_crop(sample["image"], 32))
+        assert torch.equal(batch["images"][row], expect) and batch["labels"][row] == sample["label"]
 
 
 def test_loader_resume_continues_exactly():

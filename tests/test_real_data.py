@@ -78,8 +78,20 @@ def test_tar_holds_back_the_first_samples_of_the_first_shard(tmp_path):
     assert val_caps == ["scene 0", "scene 1", "scene 2"]  # the 4th key group of shard 0 is the corrupt sample
     train_caps = [s["caption"] for s in train]
     assert set(train_caps).isdisjoint(val_caps) and len(train_caps) == 3 + 6  # shard 0 after the slice, shard 1
-    streamed = [s["caption"] for _, _, _, s in train.stream(0, 0, 1, seed=0) if s is not None]
+    groups = train.reader_groups(0, seed=0, per_group=2)
+    streamed = [s["caption"] for _, _, _, s in train.stream(0, groups, seed=0, buffer_size=4) if s is not None]
     assert sorted(streamed) == sorted(train_caps)  # the training stream never sees the held-back samples
+    assert streamed != train_caps  # (shuffled across both shards)
+
+
+def test_the_held_back_slice_is_announced_once(tmp_path, capsys):
+    """build_tokenizer and build_pretrain_loader both build the training view: one log line per process."""
+    pattern = make_jpeg_shards(tmp_path, n=6)
+    cfg = parse_config(["--data.dataset=tar", f"--data.path={pattern}", "--data.holdout=4", "--data.batch_size=2",
+                        "--data.ssl_batch_size=1", "--data.rec_batch_size=1", "--text.vocab_size=300"])
+    data.build_pretrain_loader(cfg, data.build_tokenizer(cfg))
+    data.build_dataset(cfg, "train")
+    assert capsys.readouterr().err.count("held back for validation") == 1
 
 
 def test_pretrain_and_retrieval_on_tar_shards_without_val_path(tmp_path):
