@@ -112,19 +112,22 @@ def clip_loss(image_features, text_features, logit_scale, rank=0, world_size=1):
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3):
+def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3, weights=None):
     """
     Teacher probabilities by Sinkhorn-Knopp over the samples of all processes (Method §5; DINOv2/SwAV).
 
     teacher_logits: (N, K) logits of this rank's samples ([CLS] of both global crops, or the masked patch tokens);
-    ranks may hold different N (the total is all-reduced). Returns (N, K) fp32: every row sums to 1 and, as the
-    iterations converge, every prototype gets the same total mass N_total/K over the global batch.
+    ranks may hold different N (the total is all-reduced). weights: optional (N,); rows of weight 0 are padding
+    (the static-shape iBOT token list) and take no part: their rows come back 0. Returns (N, K) fp32: every real
+    row sums to 1 and, as the iterations converge, every prototype gets the same total mass N_total/K over the
+    global batch of real rows.
     Assumes bounded logits (the DINO head gives cosines in [-1, 1]), so exp cannot underflow a whole prototype.
     """
     with _fp32(teacher_logits):
         logits = teacher_logits.float()
-        # torch.full launches a fill kernel; torch.tensor(x, device=cuda) would copy from the host and wait
-        n_total = all_reduce_sum(torch.full((), float(logits.shape[0]), device=logits.device))
+        if weights is not None:  # padding rows -> -inf: exp gives them exactly 0 mass
+            logits = torch.where(weights[:, None] > 0, logits, float("-inf"))
+        n_total = all_reduce_sum(torch.isfinite(logits[:, 0]).sum().float())
         if logits.numel() > 0:
             local_max = logits.max()
         else:
@@ -136,9 +139,9 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3):
         for _ in range(n_iters):
             q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # (K, 1): every prototype gets mass 1/K ...
             q /= num_prototypes
-            q /= q.sum(dim=0, keepdim=True)  # (1, N): ... every sample mass 1/N_total (local, no collective)
+            q /= q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)  # ... every real sample 1/N_total
             q /= n_total
-        return (q * n_total).t()  # (N, K), rows sum to 1
+        return (q * n_total).t()  # (N, K), real rows sum to 1
 
 
 class TeacherCentering(nn.Module):
@@ -154,19 +157,25 @@ class TeacherCentering(nn.Module):
         self.register_buffer("center", torch.zeros(1, num_prototypes))
 
     @torch.no_grad()
-    def forward(self, teacher_logits, teacher_temp):
-        """teacher_logits (N, K) -> (N, K) fp32 probabilities with the current centre; then updates the centre."""
+    def forward(self, teacher_logits, teacher_temp, weights=None):
+        """teacher_logits (N, K) -> (N, K) fp32 probabilities with the current centre; then updates the centre from
+        the rows whose `weights` (N,) is > 0 (all rows without weights; weight 0 marks padding)."""
         with _fp32(teacher_logits):
             logits = teacher_logits.float()
             probs = F.softmax((logits - self.center) / teacher_temp, dim=-1)  # (N, K)
-            self.update(logits)
+            self.update(logits, weights)
         return probs
 
     @torch.no_grad()
-    def update(self, teacher_logits):
-        """EMA of the global batch mean of teacher_logits (N, K); a batch with no samples anywhere keeps the centre."""
+    def update(self, teacher_logits, weights=None):
+        """EMA of the global batch mean of teacher_logits (N, K) over the real rows (weights > 0); a batch with no
+        real row anywhere keeps the centre."""
         logits = teacher_logits.float()
-        stats = torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])])  # (K + 1,): sums and count
+        if weights is not None:
+            valid = (weights > 0).float()  # (N,)
+            stats = torch.cat([valid @ logits, valid.sum().reshape(1)])  # (K + 1,): sums and count
+        else:
+            stats = torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])])  # (K + 1,): sums and count
         stats = all_reduce_sum(stats)  # one collective for both
         batch_mean, count = stats[:-1].unsqueeze(0), stats[-1]  # (1, K), ()
         new = self.momentum * self.center + (1 - self.momentum) * batch_mean / count.clamp_min(1)
@@ -209,7 +218,8 @@ def dino_loss(student_global_logits, student_local_logits, teacher_probs, studen
         return total / n_pairs
 
 
-def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1, mask_indices=None):
+def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1, mask_indices=None,
+              mask_weight=None):
     """
     iBOT masked-patch loss (Method §5, SSL; iBOT/DINOv2).
 
@@ -222,11 +232,15 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
     student and teacher see the same crop. Returns a scalar (fp32); 0 (with a graph) when nothing is masked.
     mask_indices: optional (M,) flat indices of the True entries of masks.flatten() (the batch's `mask_indices`,
     made by the data loader); with them no boolean indexing runs here, so the step never waits on the GPU.
+    mask_weight: optional (M,) weight of each token, 1/(masked patches of its crop), 0 on padding: the data loader
+    pads the token list to a fixed length (DINOv2), so M is then that length and the shapes never change.
     """
     with _fp32(student_patch_logits):
         n_masked = masks.sum(dim=-1)  # (2B,)
         image_weight = 1.0 / n_masked.clamp_min(1).float()  # (2B,)
-        if mask_indices is None:
+        if mask_weight is not None:
+            token_weight = mask_weight.float()  # (M,)
+        elif mask_indices is None:
             token_weight = image_weight.unsqueeze(-1).expand_as(masks)[masks]  # (M,)
         else:
             token_weight = image_weight[mask_indices // masks.shape[1]]  # (M,): weight of each token's image
@@ -235,45 +249,51 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
         return (ce * token_weight).sum() / n_images
 
 
+def _row_mean(values, weights=None):
+    """Mean of (N,) values over the rows whose weight is > 0 (all rows without weights); 0 when there is none."""
+    valid = torch.ones_like(values) if weights is None else (weights > 0).float()
+    return (values * valid).sum() / valid.sum().clamp_min(1)
+
+
 @torch.no_grad()
-def mean_entropy(probs):
+def mean_entropy(probs, weights=None):
     """
     Mean over rows of the entropy −Σ_k p_k log p_k in nats (collapse diagnostic; DINO §5.3 tracks the same).
     probs: (N, K) rows summing to 1 -> scalar fp32: log K for uniform rows, 0 for one-hot rows, 0 when N = 0.
+    weights: optional (N,); rows of weight 0 (padding) are left out.
     """
     with _fp32(probs):
         p = probs.float()
-        if p.shape[0] == 0:
-            return p.new_zeros(())
-        return -torch.special.xlogy(p, p).sum(dim=-1).mean()  # xlogy: 0·log 0 = 0
+        return _row_mean(-torch.special.xlogy(p, p).sum(dim=-1), weights)  # xlogy: 0·log 0 = 0
 
 
 @torch.no_grad()
-def softmax_entropy(logits, temp):
-    """Mean entropy (nats) of softmax(logits / temp) over rows: (N, K) -> scalar fp32; 0 when N = 0."""
+def softmax_entropy(logits, temp, weights=None):
+    """Mean entropy (nats) of softmax(logits / temp) over rows (of weight > 0): (N, K) -> scalar fp32; 0 when N = 0."""
     with _fp32(logits):
-        if logits.shape[0] == 0:
-            return logits.new_zeros((), dtype=torch.float32)
         log_q = F.log_softmax(logits.float() / temp, dim=-1)
-        return -(log_q.exp() * log_q).sum(dim=-1).mean()
+        return _row_mean(-(log_q.exp() * log_q).sum(dim=-1), weights)
 
 
-def ssl_entropies(teacher_cls, teacher_patch, student_cls, student_patch, student_temp):
+def ssl_entropies(teacher_cls, teacher_patch, student_cls, student_patch, student_temp, patch_weight=None):
     """
     What the uniform collapse looks like, in nats next to log K (Method §5, SSL): the entropy of the teacher's
     targets and of the student's predictions, for DINO ([CLS]) and iBOT (masked patches). A healthy run has the
     teacher's targets well below log K and the student following them down; both at log K is the uniform collapse.
-    teacher_cls (2B, K), teacher_patch (M, K): probabilities; student_cls (n, K), student_patch (M, K): logits.
+    teacher_cls (2B, K), teacher_patch (M, K): probabilities; student_cls (n, K), student_patch (M, K): logits;
+    patch_weight: optional (M,), 0 on padded tokens (left out).
     Returns {"ent_t_dino", "ent_s_dino", "ent_t_ibot", "ent_s_ibot"} scalars on the device (no host sync).
     """
     return {"ent_t_dino": mean_entropy(teacher_cls), "ent_s_dino": softmax_entropy(student_cls, student_temp),
-            "ent_t_ibot": mean_entropy(teacher_patch), "ent_s_ibot": softmax_entropy(student_patch, student_temp)}
+            "ent_t_ibot": mean_entropy(teacher_patch, patch_weight),
+            "ent_s_ibot": softmax_entropy(student_patch, student_temp, patch_weight)}
 
 
 def koleo_loss(cls_features, n_crops=2, eps=1e-8):
     """
     KoLeo regularizer (Method §5, SSL; DINOv2): −mean_i log(min_{j≠i} ‖x_i − x_j‖ + eps) on L2-normalized
-    features, computed within each crop separately and averaged over crops.
+    features, computed within each crop separately and summed over the crops, as DINOv2 sums its per-crop terms.
+    Neighbours are searched within this process's batch (DINOv2 does the same per GPU).
 
     cls_features: (n_crops*B, D) crop-major pre-head student [CLS] of the global crops (B >= 2); normalized here.
     Runs in fp32. Returns a scalar.
@@ -287,7 +307,7 @@ def koleo_loss(cls_features, n_crops=2, eps=1e-8):
             nn_idx = sim.argmax(dim=-1)  # (n_crops, B)
         neighbours = torch.gather(x, 1, nn_idx.unsqueeze(-1).expand_as(x))  # (n_crops, B, D)
         dist_nn = torch.linalg.vector_norm(x - neighbours, dim=-1)  # (n_crops, B); grad 0 at distance 0
-        return -torch.log(dist_nn + eps).mean()
+        return -torch.log(dist_nn + eps).mean(dim=1).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -392,16 +412,19 @@ class ReconstructionLoss(nn.Module):
     forward(recon, target): both (B, 3, H, W) ImageNet-normalized (the decoder's output space). L1 is the mean
     absolute error in that space; LPIPS runs on the images mapped to [-1, 1] and is averaged over the batch.
     Returns {"l1", "lpips", "total"} scalars (fp32). LPIPS needs both weight files (LossConfig.lpips_vgg_path and
-    lpips_lin_path); without them the perceptual term is 0 and one log line says so. Move the module to the device.
+    lpips_lin_path). mode (LossConfig.lpips): "auto" = without the files the perceptual term is 0 and one log line
+    says so; "on" = the files are required; "off" = L1 alone. Move the module to the device.
     """
 
-    def __init__(self, l1_weight=1.0, lpips_weight=1.0, vgg_path="", lin_path=""):
+    def __init__(self, l1_weight=1.0, lpips_weight=1.0, vgg_path="", lin_path="", mode="auto"):
         super().__init__()
         self.l1_weight, self.lpips_weight = l1_weight, lpips_weight
         self.lpips = None
         if lpips_weight == 0:
             print0("LPIPS disabled: loss.lpips_weight=0; reconstruction uses L1 only")
-        elif not vgg_path and not lin_path:
+        elif mode == "off":
+            print0("LPIPS disabled: loss.lpips=off; reconstruction uses L1 only")
+        elif not vgg_path and not lin_path and mode == "auto":
             print0("LPIPS disabled: no VGG16 weights given (--loss.lpips_vgg_path, --loss.lpips_lin_path); "
                    "reconstruction uses L1 only")
         else:

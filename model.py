@@ -17,6 +17,7 @@ bottleneck at stride 16, and a ViT pixel decoder. This file holds:
 
 import contextlib
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass tree shared by all stages. Defaults are the CPU `tiny` preset. Each section belongs to one
@@ -324,13 +326,16 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
     c.encoder = EncoderConfig(image_size=256, patch_size=16, width=width, depth=depth, num_heads=heads,
                               latent_dim=64, drop_path_ssl=drop_path_ssl)
     c.decoder = DecoderConfig(width=width, depth=depth, num_heads=heads)
-    c.text = TextConfig(vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12, embed_dim=768)
+    # CLIP's vocabulary as released: text.tokenizer must name its merges file (pretrain.py stops at start-up without)
+    c.text = TextConfig(vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12, embed_dim=768,
+                        tokenizer="")
     c.head = HeadConfig(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536, freeze_last_layer_steps=1250)
-    c.loss = LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04)  # DINOv2
+    c.loss = LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, lpips="on")  # DINOv2; L_rec = L1 + LPIPS
     c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_local_crops=8, num_workers=8,
-                        global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32))
+                        global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), shuffle_buffer=5000,
+                        shuffle_shards=4)
     c.optim = OptimConfig()
-    c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000)
+    c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000, grad_checkpoint=True)
     return c
 
 
@@ -614,10 +619,11 @@ def config_summary(cfg, where="config.json"):
 # per-step generators, rank-0 printing, atomic checkpoints.
 
 
-def setup_distributed(device="auto"):
+def setup_distributed(device="auto", timeout_min=60):
     """
-    Initialize DDP when launched by torchrun (RANK set): nccl on CUDA, gloo on CPU.
-    Returns (rank, world_size, local_rank, device). Without torchrun: (0, 1, 0, device).
+    Initialize DDP when launched by torchrun (RANK set): nccl on CUDA, gloo on CPU, with a collective timeout of
+    `timeout_min` minutes (run.dist_timeout_min: long enough for rank 0 to write the largest checkpoint while the
+    others wait). Returns (rank, world_size, local_rank, device). Without torchrun: (0, 1, 0, device).
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -632,7 +638,8 @@ def setup_distributed(device="auto"):
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return rank, world_size, local_rank, dev
 
 
@@ -698,6 +705,20 @@ def barrier():
         dist.barrier()
 
 
+def _backend_device():
+    """Where collectives want their tensors: the current CUDA device under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] for a small picklable obj; [obj] in one process."""
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_cat(x):
     """
     Concatenate a (n_r, ...) tensor of every rank along dim 0, in rank order (n_r may differ between ranks).
@@ -706,8 +727,7 @@ def gather_cat(x):
     if not _distributed():
         return x
     world = dist.get_world_size()
-    # Collectives on a CUDA tensor need nccl; gloo wants CPU tensors. Use the backend's device.
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = _backend_device()
     n = torch.tensor([x.shape[0]], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
@@ -819,12 +839,78 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_checkpoint(path, state, keep=0):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file.
+    keep > 0: then delete all but the newest `keep` ckpt_*.pt of that folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+    if keep:
+        old = sorted(n for n in os.listdir(folder) if re.fullmatch(r"ckpt_\d+\.pt", n))
+        for name in old[:-keep]:
+            os.remove(os.path.join(folder, name))
+
+
+class _TensorSpec:
+    """A tensor's place in a broadcast state: its shape and dtype (the values follow in their own broadcast)."""
+
+    def __init__(self, t):
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+
+def _map_tensors(obj, fn):
+    """obj with every tensor (or _TensorSpec) in nested dicts / lists / tuples replaced by fn(it)."""
+    if torch.is_tensor(obj) or isinstance(obj, _TensorSpec):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def load_checkpoint(path, missing=None):
+    """
+    The one checkpoint loader of every stage, for any number of nodes. Global rank 0 resolves `path` (a file, or
+    the folder's latest ckpt_*.pt: `resolve_checkpoint`) and reads it memory-mapped; every other process receives
+    rank 0's dict through broadcasts (the structure, then each tensor), so nodes without a shared disk resume from
+    rank 0's checkpoint and step. Returns (path, dict), or (None, None) when rank 0 finds none
+    (FileNotFoundError(missing) on every rank if `missing` is given). A file rank 0 cannot read stops every rank.
+    """
+    state, error, found = None, None, None
+    if not _distributed() or dist.get_rank() == 0:
+        try:
+            found = resolve_checkpoint(path, missing)
+            state = torch.load(found, map_location="cpu", weights_only=True, mmap=True) if found else None
+        except FileNotFoundError as e:
+            error = ("missing", str(e))
+        except Exception as e:  # a truncated or foreign file: every rank must hear of it, not wait for it
+            error = ("unreadable", f"rank 0 cannot read checkpoint {found!r}: {type(e).__name__}: {e}")
+    if not _distributed():
+        if error:
+            raise (FileNotFoundError if error[0] == "missing" else RuntimeError)(error[1])
+        return (found, state) if state is not None else (None, None)
+    box = [(error, found if state is not None else None,
+            _map_tensors(state, _TensorSpec) if state is not None else None)] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(box, src=0)
+    error, found, skeleton = box[0]
+    if error:
+        raise (FileNotFoundError if error[0] == "missing" else RuntimeError)(error[1])
+    if skeleton is None:
+        return None, None
+    dev, src = _backend_device(), state
+
+    def receive(spec):
+        t = torch.empty(spec.shape, dtype=spec.dtype, device=dev)
+        dist.broadcast(t, src=0)
+        return t
+
+    if dist.get_rank() == 0:  # send every tensor, in the same order as the others' receive
+        _map_tensors(src, lambda t: dist.broadcast(t.to(dev), src=0))
+        return found, state
+    return found, _map_tensors(skeleton, receive)
 
 
 def resolve_checkpoint(path, missing=None):
@@ -956,19 +1042,24 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-def drop_path(x, p, training, generator=None):
-    """Sample-level stochastic depth: drop the whole residual branch of a sample with probability p, rescale the
-    kept ones by 1/(1-p). x is the branch output (B, N, D). The draws come from `generator` (on x's device; training
-    passes one seeded by (seed, rank, step), see `step_generator`), or torch's default generator when None."""
+def drop_path_scales(n_blocks, batch, p, training, generator=None, device=None):
+    """
+    Sample-level stochastic depth for a whole forward (Method §2): (n_blocks, 2, B, 1, 1) scales, one per residual
+    branch (attention, MLP) of each block and sample: 0 (the branch is dropped) with probability p, else 1/(1-p).
+    None when p is 0 or not training. All draws happen here, before the blocks, from `generator` (training passes
+    one seeded by (seed, rank, step), see `step_generator`): a compiled block never meets a generator (no graph
+    break) and a checkpointed block recomputes with the same draws.
+    """
     if p == 0.0 or not training:
-        return x
-    keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=generator) >= p  # (B, 1, 1)
-    return x * keep.to(x.dtype) / (1.0 - p)
+        return None
+    keep = torch.rand(n_blocks, 2, batch, 1, 1, device=device, generator=generator) >= p
+    return keep.float() / (1.0 - p)
 
 
 class Block(nn.Module):
     """Pre-norm ViT block: x + Attn(norm1(x)), then x + SwiGLU(norm2(x)). RMSNorm in the encoder (no LayerScale),
-    LayerNorm (eps 1e-6) in the pixel decoder."""
+    LayerNorm (eps 1e-6) in the pixel decoder. `scale` (2, B, 1, 1): the stochastic-depth scales of the two
+    branches (`drop_path_scales`), or None."""
 
     def __init__(self, dim, num_heads, mlp_hidden, norm="rmsnorm", qk_norm=False):
         super().__init__()
@@ -978,10 +1069,54 @@ class Block(nn.Module):
         self.norm2 = make_norm()
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x, rope=None, drop_path_rate=0.0, generator=None):
-        x = x + drop_path(self.attn(self.norm1(x), rope), drop_path_rate, self.training, generator)
-        x = x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, self.training, generator)
-        return x
+    def forward(self, x, rope=None, scale=None):
+        if scale is None:
+            x = x + self.attn(self.norm1(x), rope)
+            return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), rope) * scale[0]
+        return x + self.mlp(self.norm2(x)) * scale[1]
+
+
+def run_blocks(blocks, x, *args, scales=None, checkpoint=False, each=None):
+    """
+    x through `blocks` in order, each called as blk(x, *args[, scales[i]]). checkpoint: activation checkpointing
+    (`train.grad_checkpoint`): each block keeps only its input for the backward and recomputes the rest there, so
+    the gradients are those without it at one more forward of compute. each(i, x): called after block i.
+    """
+    for i, blk in enumerate(blocks):
+        extra = (scales[i],) if scales is not None else ()
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, *args, *extra, use_reentrant=False,
+                                                  preserve_rng_state=False)  # nothing in a block draws
+        else:
+            x = blk(x, *args, *extra)
+        if each is not None:
+            each(i, x)
+    return x
+
+
+def set_grad_checkpointing(module, on=True):
+    """Turn activation checkpointing of every block stack in `module` (encoder, pixel decoder, text tower) on/off."""
+    for m in module.modules():
+        if hasattr(m, "grad_checkpoint"):
+            m.grad_checkpoint = on
+    return module
+
+
+def compile_blocks(module, backend="inductor"):
+    """
+    Regional compilation (`run.compile`): every transformer block of `module` compiled in place (nn.Module.compile,
+    so state-dict keys keep their names), instead of one graph of the whole step. Blocks of one kind share their
+    code, so each distinct input shape compiles once and every block reuses it; the rest of the step (crops, heads,
+    losses) runs eagerly. Returns `module`.
+    """
+    # one graph per (input shape, grad mode, stochastic depth on/off) of a block: S/B/L meet about 10 (three student
+    # passes, teacher, decoder, previews), more than dynamo's default limit of 8 graphs per function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for m in module.modules():
+        if isinstance(m, (Block, TextBlock)):
+            m.compile(backend=backend, dynamic=False)  # static shapes: every shape is known after the first step
+    return module
 
 
 def init_vit_weights(module):
@@ -1031,6 +1166,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(D, cfg.num_heads, hidden, "rmsnorm", cfg.qk_norm) for _ in range(cfg.depth)])
         self.norm = RMSNorm(D)
         self.feature_bottleneck = nn.Linear(D, cfg.latent_dim, bias=False)
+        self.grad_checkpoint = False  # set_grad_checkpointing
         self.apply(init_vit_weights)
         nn.init.normal_(self.cls_token, std=0.02)
 
@@ -1054,11 +1190,14 @@ class VisionTransformer(nn.Module):
             return [self.forward_features(xi, mi, drop_path_rate, n_last, generator) for xi, mi in zip(x, masks)]
         x, (h, w) = self.prepare_tokens(x, masks)
         rope = self.rope_embed(h, w)
+        scales = drop_path_scales(len(self.blocks), x.shape[0], drop_path_rate, self.training, generator, x.device)
         layers = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, rope, drop_path_rate, generator)
+
+        def keep_last(i, tokens):
             if i >= len(self.blocks) - n_last:
-                layers.append(self.norm(x))
+                layers.append(self.norm(tokens))
+
+        x = run_blocks(self.blocks, x, rope, scales=scales, checkpoint=self.grad_checkpoint, each=keep_last)
         x = self.norm(x)  # (B, 1 + N, D)
         out = {"cls": x[:, 0], "patches": x[:, 1:], "grid": (h, w)}
         if n_last:
@@ -1091,14 +1230,15 @@ class PixelDecoder(nn.Module):
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.proj_out = nn.Conv2d(D, 3 * patch_size * patch_size, kernel_size=1)
         self.pixel_shuffle = nn.PixelShuffle(patch_size)
+        self.grad_checkpoint = False  # set_grad_checkpointing
         self.apply(init_vit_weights)
 
     def forward(self, z, drop_path_rate=0.0, generator=None):
         B, _, h, w = z.shape
         x = linear_1x1(self.proj_in, z.flatten(2).transpose(1, 2))  # (B, h*w, D)
         rope = self.rope_embed(h, w)
-        for blk in self.blocks:
-            x = blk(x, rope, drop_path_rate, generator)
+        scales = drop_path_scales(len(self.blocks), B, drop_path_rate, self.training, generator, x.device)
+        x = run_blocks(self.blocks, x, rope, scales=scales, checkpoint=self.grad_checkpoint)
         x = linear_1x1(self.proj_out, self.norm(x))  # (B, h*w, 3*p*p)
         return self.pixel_shuffle(x.transpose(1, 2).reshape(B, -1, h, w))  # (B, 3, h*p, w*p)
 
@@ -1158,11 +1298,10 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.resblocks = nn.ModuleList([TextBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.grad_checkpoint = False  # set_grad_checkpointing
 
     def forward(self, x):
-        for blk in self.resblocks:
-            x = blk(x)
-        return x
+        return run_blocks(self.resblocks, x, checkpoint=self.grad_checkpoint)
 
 
 # -----------------------------------------------------------------------------
@@ -1190,7 +1329,8 @@ class DINOHead(nn.Module):
     def forward(self, x):
         x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (B, bottleneck)
         w = F.normalize(self.last_layer.weight, dim=-1)  # (K, bottleneck), each prototype at norm 1
-        return F.linear(x, w)  # (B, K)
+        with torch.autocast(x.device.type, enabled=False):  # fp32: bf16 steps a cosine near 1 by 0.004, 0.1 at τ 0.04
+            return F.linear(x.float(), w.float())  # (B, K)
 
 
 @torch.no_grad()
@@ -1494,6 +1634,9 @@ def export_official(model: VTP, cfg: Config, folder, dtype="fp32", tokenizer_sta
         json.dump(hf, f, indent=2)
     os.replace(tmp, os.path.join(folder, "config.json"))
     notes = [f"exported {len(tensors)} tensors ({dtype}) and config.json to {folder}"]
+    if cfg.encoder.patch_size != 16:  # their PixelDecoder builds a 16x16 pixel shuffle whatever the config says
+        notes.append(f"note: encoder.patch_size={cfg.encoder.patch_size}: the authors' code cannot load this export "
+                     "(its pixel decoder hard-codes 16x16 output patches); load_vtp / load_official_vtp here can")
     if tokenizer_state is not None and tokenizer_state.get("kind") != "clip":
         with open(os.path.join(folder, TEXT_TOKENIZER_FILE), "w") as f:
             json.dump(tokenizer_state, f)

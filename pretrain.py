@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 import data
 import losses
-from model import (VTP, Config, DINOHead, Tracker, adamw, all_reduce_sum, amp_setup, cleanup_distributed,
-                   config_summary, ema_update, export_official, official_config, parse_config, print0,
-                   resolve_checkpoint, run_cli, save_checkpoint, seeded, setup_distributed, step_generator,
-                   trim_metrics)
+from model import (VTP, Config, ConfigError, DINOHead, Tracker, adamw, all_gather_object, all_reduce_sum, amp_setup,
+                   cleanup_distributed, compile_blocks, config_summary, ema_update, export_official, load_checkpoint,
+                   official_config, parse_config, print0, run_cli, save_checkpoint, seeded, set_grad_checkpointing,
+                   setup_distributed, step_generator, trim_metrics)
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step (Method §5-6)
@@ -78,6 +78,7 @@ class Student(nn.Module):
     The trained VTP plus the DINO head. `forward(batch, teacher_probs)` runs one encoder forward per objective
     (CLIP on the B pairs, SSL on the B_ssl multi-crops, reconstruction on B_rec images) and returns
     (vtp_loss dict, reconstructions). Parts whose λ is 0 are frozen, so DDP never sees an unused parameter.
+    With train.grad_checkpoint every block stack recomputes its activations in the backward.
     """
 
     def __init__(self, cfg: Config, rank=0, world_size=1):
@@ -87,7 +88,9 @@ class Student(nn.Module):
         feat_dim = cfg.encoder.latent_dim if cfg.encoder.latent_features else cfg.encoder.width
         self.dino_head = DINOHead(feat_dim, cfg.head)
         lc = cfg.loss
-        self.rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path)
+        self.rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path,
+                                                  lc.lpips)
+        set_grad_checkpointing(self.vtp, cfg.train.grad_checkpoint)
         v = self.vtp
         if lc.lambda_clip == 0:  # AE-only / SSL+AE: no text tower, no CLIP head
             for m in (v.token_embedding, v.text_transformer, v.ln_final, v.visual_proj):
@@ -102,28 +105,29 @@ class Student(nn.Module):
             if not cfg.encoder.latent_features:
                 v.trunk.feature_bottleneck.requires_grad_(False)
 
-    def forward(self, batch, teacher_probs=None, generator=None):
-        """`generator`: the step's stochastic-depth draws (model.step_generator), shared by the three forwards."""
+    def forward(self, batch, teacher_probs=None, generator=None, diagnostics=False):
+        """`generator`: the step's stochastic-depth draws (model.step_generator), shared by the three forwards.
+        diagnostics: also return the SSL entropies (two softmaxes over K per token: only on log steps)."""
         lc, e, v = self.cfg.loss, self.cfg.encoder, self.vtp
-        clip = dino = ibot = koleo = rec = recon = None
+        clip = dino = ibot = koleo = rec = recon = entropies = None
         if lc.lambda_clip > 0:
             img = v.image_features(batch["images"], drop_path_rate=e.drop_path_clip, generator=generator)  # (B, E)
             txt = v.text_features(batch["tokens"])  # (B, E)
             clip = losses.clip_loss(img, txt, v.logit_scale, self.rank, self.world_size)
-        diagnostics = {}
         if lc.lambda_ssl > 0:
-            dino, ibot, koleo, diagnostics = self.ssl_losses(batch, teacher_probs, generator)
+            dino, ibot, koleo, entropies = self.ssl_losses(batch, teacher_probs, generator, diagnostics)
         if lc.lambda_rec > 0:
             target = batch["rec_images"]  # (B_rec, 3, H, W)
             z = v.encode(target, drop_path_rate=e.drop_path_rec, generator=generator)
             recon = v.decode(z, drop_path_rate=0.0)
             rec = self.rec_loss(recon, target)
         terms = losses.vtp_loss(lc, rec=rec, clip=clip, dino=dino, ibot=ibot, koleo=koleo)
-        return {**terms, **diagnostics}, recon
+        return {**terms, **(entropies or {})}, recon
 
-    def ssl_losses(self, batch, teacher_probs, generator=None):
+    def ssl_losses(self, batch, teacher_probs, generator=None, diagnostics=False):
         """Student on the global crops (iBOT-masked) and the local crops; DINO, iBOT and KoLeo against the teacher.
-        Returns (dino, ibot, koleo, entropies): the entropies of targets and predictions are the collapse monitor."""
+        Returns (dino, ibot, koleo, entropies or None): the entropies of targets and predictions are the collapse
+        monitor."""
         lc, v = self.cfg.loss, self.vtp
         crops, masks = [batch["global_crops"]], [batch["masks"]]
         if batch["local_crops"].numel():
@@ -134,7 +138,7 @@ class Student(nn.Module):
         g_cls, g_patches = v.semantic_tokens(feats[0])  # (2B, D), (2B, N, D)
         n_global = g_cls.shape[0]
         # one head call for the global [CLS], the masked patch tokens and the local [CLS]
-        mask_idx = batch["mask_indices"]  # (M,) flat indices into (2B*N): gathers without a host sync
+        mask_idx, mask_w = batch["mask_indices"], batch["mask_weight"]  # (M,) padded to a fixed M: static shapes
         head_in = [g_cls, g_patches.flatten(0, 1)[mask_idx]]  # (2B, D), (M, D)
         if len(feats) > 1:
             head_in.append(v.semantic_tokens(feats[1])[0])  # (n_local*B, D)
@@ -142,11 +146,13 @@ class Student(nn.Module):
         s_global, s_patch = logits[:n_global], logits[n_global:n_global + head_in[1].shape[0]]
         s_local = logits[n_global + head_in[1].shape[0]:] if len(feats) > 1 else None
         dino = losses.dino_loss(s_global, s_local, teacher_probs["cls"], lc.student_temp)
-        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp, mask_idx)
+        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp, mask_idx, mask_w)
         koleo = losses.koleo_loss(g_cls, n_crops=2)
+        if not diagnostics:
+            return dino, ibot, koleo, None
         s_cls = s_global if s_local is None else torch.cat([s_global, s_local])  # (n_crops*B, K)
         entropies = losses.ssl_entropies(teacher_probs["cls"], teacher_probs["patches"], s_cls, s_patch,
-                                         lc.student_temp)
+                                         lc.student_temp, mask_w)
         return dino, ibot, koleo, entropies
 
 
@@ -172,9 +178,10 @@ class Teacher(nn.Module):
                    nn.ModuleList([student.vtp.trunk, student.dino_head]), momentum)
 
     @torch.no_grad()
-    def forward(self, global_crops, mask_indices, temp):
+    def forward(self, global_crops, mask_indices, temp, mask_weight=None):
         """Teacher probabilities {"cls": (2B, K), "patches": (M, K)} for the student's masked positions, given as
-        the batch's `mask_indices` (flat indices of the True entries of the (2B, N) masks)."""
+        the batch's `mask_indices` (flat indices into the (2B, N) masks, padded to a fixed M; `mask_weight` 0 marks
+        the padding, which takes no part in Sinkhorn-Knopp or the centre)."""
         f = self.trunk.forward_features(global_crops)
         cls, patches = f["cls"], f["patches"]
         if self.latent_features:
@@ -184,8 +191,8 @@ class Teacher(nn.Module):
         if self.loss_cfg.teacher_norm == "sinkhorn":
             n_iters = self.loss_cfg.sinkhorn_iters
             return {"cls": losses.sinkhorn_knopp(t_cls, temp, n_iters),
-                    "patches": losses.sinkhorn_knopp(t_patch, temp, n_iters)}
-        return {"cls": self.center_cls(t_cls, temp), "patches": self.center_patch(t_patch, temp)}
+                    "patches": losses.sinkhorn_knopp(t_patch, temp, n_iters, mask_weight)}
+        return {"cls": self.center_cls(t_cls, temp), "patches": self.center_patch(t_patch, temp, mask_weight)}
 
 
 TEXT_TOWER = ("token_embedding", "positional_embedding", "text_transformer", "ln_final", "text_projection")
@@ -243,12 +250,14 @@ def fixed_preview_images(cfg: Config, n=8):
 # Stage 1
 
 
-def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler, generator=None):
+def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler, generator=None, diagnostics=False):
     """One micro-step: teacher targets (no grad), the student's losses (stochastic depth drawn from `generator`),
-    and the (scaled) backward of total / accum_steps. Returns the loss terms."""
+    and the (scaled) backward of total / accum_steps. Returns the loss terms (with the SSL entropies if
+    `diagnostics`)."""
     with autocast():
-        probs = teacher(batch["global_crops"], batch["mask_indices"], temp) if cfg.loss.lambda_ssl > 0 else None
-        terms, _ = fwd(batch, probs, generator)
+        probs = (teacher(batch["global_crops"], batch["mask_indices"], temp, batch["mask_weight"])
+                 if cfg.loss.lambda_ssl > 0 else None)
+        terms, _ = fwd(batch, probs, generator, diagnostics)
     loss = terms["total"] / cfg.train.accum_steps
     (scaler.scale(loss) if scaler else loss).backward()
     return terms
@@ -285,7 +294,8 @@ def export_if_asked(cfg: Config, vtp, tokenizer_state, rank):
 
 def restore(ckpt, parts, scaler, loader):
     """A resumed run: every {checkpoint key: module or optimizer} of `parts`, the GradScaler (fp16) and the data
-    position from `ckpt`; returns the step to continue from."""
+    position from `ckpt` (every rank's, as saved; the loader takes its own, or maps them onto a new layout);
+    returns the step to continue from."""
     for key, obj in parts.items():
         obj.load_state_dict(ckpt[key])
     if scaler is not None and ckpt.get("scaler"):
@@ -294,12 +304,32 @@ def restore(ckpt, parts, scaler, loader):
     return ckpt["step"]
 
 
+def save_training_state(cfg: Config, out_dir, step, rank, loader, state):
+    """Every rank's data position (one all-gather), then rank 0 writes ckpt_{step}.pt atomically and keeps the newest
+    train.keep_ckpts. `state`: a function giving the rest of the checkpoint dict (called on rank 0 only)."""
+    positions = all_gather_object(loader.state_dict())  # [rank 0's, rank 1's, ...]
+    if rank == 0:
+        save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"),
+                        {**state(), "step": step, "config": cfg.to_dict(), "data": positions,
+                         "world_size": len(positions)}, keep=cfg.train.keep_ckpts)
+
+
+def note_new_layout(ckpt, cfg: Config, world_size, lr_peak):
+    """A resume on another number of processes (a node lost or added): say how the global batch and lr change."""
+    old = ckpt.get("world_size", world_size)
+    if old != world_size:
+        per = cfg.data.batch_size * cfg.train.accum_steps
+        print0(f"resuming on {world_size} processes, saved on {old}: global batch {per * old} -> {per * world_size}, "
+               f"peak lr {peak_lr(cfg, old):.2e} -> {lr_peak:.2e} (sqrt scaling); the data stream continues where it "
+               "stopped")
+
+
 def train_stage1(cfg: Config, rank, world_size, device):
     out_dir, tc = cfg.train.out_dir, cfg.train
 
-    # 1. data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint)
-    ckpt_path = resolve_checkpoint(out_dir) if tc.resume else None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
+    # 1. data and text tokenizer (a resumed run uses the tokenizer saved in its checkpoint). Rank 0 picks the
+    # checkpoint and sends it to every process: nodes need no shared disk.
+    ckpt_path, ckpt = load_checkpoint(out_dir) if tc.resume else (None, None)
     if tc.resume and not ckpt:
         print0(f"--train.resume: no ckpt_*.pt in {out_dir}, starting from scratch")
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else data.build_tokenizer(cfg)
@@ -318,20 +348,22 @@ def train_stage1(cfg: Config, rank, world_size, device):
         parts = {"model": student.vtp, "dino_head": student.dino_head, "teacher": teacher, "optimizer": optimizer}
         step = restore(ckpt, parts, scaler, loader)
         print0(f"resumed from {ckpt_path} at step {step}")
-    model = DDP(student) if world_size > 1 else student
-    fwd = torch.compile(model) if cfg.run.compile else model  # `student` stays the raw module we save and EMA from
-    teacher_fwd = torch.compile(teacher) if cfg.run.compile else teacher  # `teacher` stays the raw module we EMA into
+        note_new_layout(ckpt, cfg, world_size, lr_peak)
+        del ckpt, parts  # the mapped file and received tensors are released here
+        gc.collect()
+    if cfg.run.compile:  # regional: each block compiled in place; `student` stays the module we save and EMA from
+        compile_blocks(student, cfg.run.compile_backend)
+        compile_blocks(teacher, cfg.run.compile_backend)
+    # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no second copy of every gradient)
+    model = DDP(student, gradient_as_bucket_view=True) if world_size > 1 else student
 
     def checkpoint(step):
         check_ranks_in_sync(student, rank, world_size)
-        if rank == 0:
-            state = {"model": student.vtp.state_dict(), "dino_head": student.dino_head.state_dict(),
-                     "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else None, "step": step, "stage": 1,
-                     "config": cfg.to_dict(), "tokenizer": tokenizer.state_dict(), "data": loader.state_dict(),
-                     "rng": {"seed": cfg.run.seed,
-                             "rule": "stochastic depth from generators seeded by (seed, rank, step)"}}
-            save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), state)
+        save_training_state(cfg, out_dir, step, rank, loader, lambda: {
+            "model": student.vtp.state_dict(), "dino_head": student.dino_head.state_dict(),
+            "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None, "stage": 1, "tokenizer": tokenizer.state_dict(),
+            "rng": {"seed": cfg.run.seed, "rule": "stochastic depth from generators seeded by (seed, rank, step)"}})
 
     # 3. logging: metrics.jsonl continues at the resumed step; fixed preview images
     if rank == 0:
@@ -354,15 +386,16 @@ def train_stage1(cfg: Config, rank, world_size, device):
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
+        last = step + 1 == tc.max_steps
+        logs = (step + 1) % tc.log_every == 0 or last or (step + 1) % tc.ckpt_every == 0
         # (b) micro-steps: one batch (CLIP images + captions, SSL multi-crop + iBOT masks, reconstruction subset),
-        # teacher targets, the three losses (losses.vtp_loss), backward; DDP all-reduces on the last micro-step
+        # uint8 images normalized on the device, teacher targets, the three losses (losses.vtp_loss), backward;
+        # DDP all-reduces on the last micro-step. The SSL entropies are computed on log steps only.
         for micro in range(tc.accum_steps):
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
-            if cfg.run.compile and batch["mask_indices"].numel() > 1:  # the masked count changes every step:
-                torch._dynamo.mark_dynamic(batch["mask_indices"], 0)  # compile one graph for any count
+            batch = data.batch_to_device(next(loader), device)
             sync = micro == tc.accum_steps - 1 or world_size == 1  # all-reduce gradients on the last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
-                terms = forward_backward(fwd, teacher_fwd, batch, temp, cfg, autocast, scaler, gen)
+                terms = forward_backward(model, teacher, batch, temp, cfg, autocast, scaler, gen, diagnostics=logs)
             tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
         # (c) clip, AdamW (prototypes frozen for the first head.freeze_last_layer_steps), teacher EMA
         grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg),
@@ -373,8 +406,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
             bar.update(1)
 
         # (d) log line + metrics.jsonl, reconstruction preview, checkpoint
-        last = step == tc.max_steps
-        if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
+        if logs:
             tracker.log(out_dir, bar, step, tc.max_steps, cfg.data.batch_size * world_size * tc.accum_steps, lr, **log_k)
         if rank == 0 and (step % tc.preview_every == 0 or last) and cfg.loss.lambda_rec > 0:
             with torch.no_grad(), autocast():
@@ -388,7 +420,7 @@ def train_stage1(cfg: Config, rank, world_size, device):
     export_if_asked(cfg, student.vtp, tokenizer.state_dict(), rank)
     # The DDP wrapper (and the last graph, which holds its hooks) must be gone before the process group is
     # destroyed, or gloo can abort at exit ("terminate called without an active exception").
-    del model, fwd, teacher_fwd, terms
+    del model, terms
     gc.collect()
     return student
 
@@ -398,11 +430,11 @@ def train_stage1(cfg: Config, rank, world_size, device):
 
 
 def load_stage1(cfg: Config):
-    """The stage-1 checkpoint stage 2 starts from: --train.init_from (file or folder), else the latest in out_dir."""
+    """The stage-1 checkpoint stage 2 starts from: --train.init_from (file or folder), else the latest in out_dir
+    (rank 0's, sent to every process)."""
     src = cfg.train.init_from or cfg.train.out_dir
-    path = resolve_checkpoint(src, f"stage 2 needs a stage-1 checkpoint: none found at {src!r} "
-                                   "(run stage 1 first, or pass --train.init_from=PATH)")
-    return path, torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint(src, f"stage 2 needs a stage-1 checkpoint: none found at {src!r} "
+                                "(run stage 1 first, or pass --train.init_from=PATH)")
 
 
 def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Config, autocast, world_size=1):
@@ -456,9 +488,8 @@ def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Co
 def train_stage2(cfg: Config, rank, world_size, device):
     tc, lc = cfg.train, cfg.loss
     out_dir = os.path.join(tc.out_dir, "stage2")
-    resume_path = resolve_checkpoint(out_dir) if tc.resume else None
-    src_path, ckpt = (resume_path, torch.load(resume_path, map_location="cpu", weights_only=True)) if resume_path \
-        else load_stage1(cfg)
+    resume_path, ckpt = load_checkpoint(out_dir) if tc.resume else (None, None)
+    src_path, ckpt = (resume_path, ckpt) if resume_path else load_stage1(cfg)
     # the network is the stage-1 one; training settings come from this command line
     src_cfg = Config.from_dict(ckpt["config"])
     cfg.encoder, cfg.decoder, cfg.text, cfg.head = src_cfg.encoder, src_cfg.decoder, src_cfg.text, src_cfg.head
@@ -466,7 +497,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
         official_config(cfg)  # an option the released format cannot hold fails now, not after training
     tokenizer = data.tokenizer_from_state(ckpt["tokenizer"])
     data_cfg = copy.deepcopy(cfg)  # stage 2 needs only the images: no local crops, the smallest SSL subset
-    data_cfg.data.num_local_crops, data_cfg.data.ssl_batch_size = 0, 1
+    data_cfg.data.batch_size = tc.stage2_batch_size or cfg.data.batch_size
+    data_cfg.data.num_local_crops, data_cfg.data.ssl_batch_size, data_cfg.data.rec_batch_size = 0, 1, 1
     loader = data.build_pretrain_loader(data_cfg, tokenizer, rank, world_size)
 
     vtp = VTP(cfg)
@@ -475,7 +507,8 @@ def train_stage2(cfg: Config, rank, world_size, device):
     decoder = vtp.pixel_decoder.requires_grad_(True).train()
     with seeded(cfg.run.seed):
         disc = losses.PatchDiscriminator(3, lc.disc_channels, lc.disc_layers).to(device)
-    rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path).to(device)
+    rec_loss = losses.ReconstructionLoss(lc.l1_weight, lc.lpips_weight, lc.lpips_vgg_path, lc.lpips_lin_path,
+                                         lc.lpips).to(device)
     opt_g = adamw(decoder.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                   weight_decay=0.0)
     opt_d = adamw(disc.parameters(), device, lr=cfg.optim.stage2_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -485,7 +518,14 @@ def train_stage2(cfg: Config, rank, world_size, device):
     if resume_path:  # the decoder's weights came in with ckpt["model"] above
         step = restore(ckpt, {"discriminator": disc, "optimizer": opt_g, "opt_d": opt_d}, scaler, loader)
         print0(f"resumed stage 2 from {resume_path} at step {step}")
-    dec = DDP(decoder) if world_size > 1 else decoder  # the discriminator stays outside DDP (grads all-reduced)
+        src_path = ckpt.get("init_from", src_path)
+    tokenizer_state, ckpt = ckpt["tokenizer"], None  # the mapped file and received tensors are released here
+    gc.collect()
+    set_grad_checkpointing(decoder, tc.grad_checkpoint)
+    if cfg.run.compile:
+        compile_blocks(decoder, cfg.run.compile_backend)
+    # the discriminator stays outside DDP (grads all-reduced)
+    dec = DDP(decoder, gradient_as_bucket_view=True) if world_size > 1 else decoder
     print0(f"stage 2 from {src_path} | decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, "
            f"discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M | GAN from step {lc.gan_start}")
 
@@ -497,7 +537,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
     terms = recon = None
     # nothing in a stage-2 step draws random numbers: encoder in eval mode, no stochastic depth in the decoder
     while step < tc.max_steps:
-        x = next(loader)["images"].to(device, non_blocking=True)  # (B, 3, H, W)
+        x = data.batch_to_device(next(loader), device)["images"]  # (B, 3, H, W)
         terms, recon = stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg, autocast,
                                    world_size)
         tracker.add(terms, step + 1)
@@ -515,15 +555,13 @@ def train_stage2(cfg: Config, rank, world_size, device):
                 decoder.train()
         if step % tc.ckpt_every == 0 or last:
             check_ranks_in_sync(decoder, rank, world_size)
-        if rank == 0 and (step % tc.ckpt_every == 0 or last):
-            save_checkpoint(os.path.join(out_dir, f"ckpt_{step:07d}.pt"), {
+            save_training_state(cfg, out_dir, step, rank, loader, lambda: {
                 "model": vtp.state_dict(), "discriminator": disc.state_dict(), "optimizer": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict() if scaler else None, "step": step,
-                "stage": 2, "config": cfg.to_dict(),
-                "tokenizer": ckpt["tokenizer"], "data": loader.state_dict(), "init_from": src_path})
+                "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict() if scaler else None, "stage": 2,
+                "tokenizer": tokenizer_state, "init_from": src_path})
     if bar is not None:
         bar.close()
-    export_if_asked(cfg, vtp, ckpt["tokenizer"], rank)
+    export_if_asked(cfg, vtp, tokenizer_state, rank)
     del dec, terms, recon  # as in stage 1: no DDP wrapper or graph may outlive the process group
     gc.collect()
     return vtp
@@ -532,12 +570,38 @@ def train_stage2(cfg: Config, rank, world_size, device):
 # -----------------------------------------------------------------------------
 
 
+def check_recipe_files(cfg: Config):
+    """
+    Start-up check of the files a preset's recipe needs (Method §4-5): CLIP's BPE vocabulary when text.tokenizer is
+    empty (S/B/L: the released models' tokenizer) and the LPIPS weights when loss.lpips=on (S/B/L: L_rec = L1 +
+    LPIPS). A missing one names the flag and the explicit opt-out; an opt-out on S/B/L is said in the log.
+    """
+    t, lc = cfg.text, cfg.loss
+    if cfg.train.stage == 1 and not t.tokenizer:
+        raise ConfigError(f"text.tokenizer is empty: preset {cfg.preset} uses CLIP's BPE vocabulary, as the released "
+                          "VTP models do: pass --text.tokenizer=PATH/bpe_simple_vocab_16e6.txt.gz (or "
+                          "--text.tokenizer=bpe to train a byte-level BPE of our own instead)")
+    if lc.lpips == "on" and lc.lpips_weight > 0:
+        for key, path in (("loss.lpips_vgg_path", lc.lpips_vgg_path), ("loss.lpips_lin_path", lc.lpips_lin_path)):
+            if not os.path.isfile(path):
+                raise ConfigError(f"--{key}={path!r} is not a file: loss.lpips=on (preset {cfg.preset}: L_rec = L1 + "
+                                  "LPIPS) needs the VGG16 and LPIPS v0.1 weights: pass --loss.lpips_vgg_path=... and "
+                                  "--loss.lpips_lin_path=..., or --loss.lpips=off for L1 alone")
+    if cfg.preset in ("S", "B", "L"):
+        if cfg.train.stage == 1 and t.tokenizer == "bpe":
+            print0("note: text.tokenizer=bpe: a byte-level BPE of our own, not the released models' CLIP vocabulary")
+        if lc.lpips == "off":
+            print0("note: loss.lpips=off: L_rec is L1 alone, not the paper's L1 + LPIPS")
+
+
 def main(argv=None):
     """Parse the config, set up compute, run stage 1 or 2; returns the trained VTP (raw module)."""
     cfg = parse_config(argv)
+    cfg.train.out_dir = os.path.expandvars(cfg.train.out_dir)  # e.g. a node-local disk: runs/$RANK
+    check_recipe_files(cfg)
     if cfg.train.export and cfg.train.stage == 1:
         official_config(cfg)  # an option the released format cannot hold fails at start-up, naming it
-    rank, world_size, _, device = setup_distributed(cfg.run.device)
+    rank, world_size, _, device = setup_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     try:
         out_dir = cfg.train.out_dir if cfg.train.stage == 1 else os.path.join(cfg.train.out_dir, "stage2")
         if rank == 0:

@@ -566,11 +566,7 @@ def save_sample_grid(path, ema, fm, vtp, mean, std, cfg, device, amp):
 def save_dit_checkpoint(d, step, state):
     """Atomic save of ckpt_{step:07d}.pt in out_dir, then keep only the newest `keep_ckpts` (0 = all)."""
     path = os.path.join(d.out_dir, f"ckpt_{step:07d}.pt")
-    save_checkpoint(path, state)
-    if d.keep_ckpts:
-        old = sorted(n for n in os.listdir(d.out_dir) if n.startswith("ckpt_") and n.endswith(".pt"))
-        for name in old[: -d.keep_ckpts]:
-            os.remove(os.path.join(d.out_dir, name))
+    save_checkpoint(path, state, keep=d.keep_ckpts)
     return path
 
 

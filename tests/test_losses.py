@@ -157,6 +157,33 @@ def test_ibot_averages_per_image_then_over_masked_images():
     assert loss0.item() == 0.0
 
 
+def test_padded_ibot_tokens_change_no_target_loss_or_entropy():
+    """The data loader pads the masked-token list to a fixed length with weight-0 rows (static shapes under
+    compile). Padding must be invisible: Sinkhorn-Knopp and the centre see only the real rows, iBOT and the
+    entropies average only over them. Padded rows hold garbage logits here, so any leak shows."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(4, 9, dtype=torch.bool)
+    masks[0, :3], masks[2, 4:] = True, True
+    idx = masks.flatten().nonzero().flatten()  # (M,) real tokens
+    M, K, pad = idx.numel(), 16, 5
+    t_logits, s_logits = torch.randn(M, K, generator=g), torch.randn(M, K, generator=g)
+    weight = 1.0 / masks.sum(1).clamp_min(1).float()[idx // 9]  # (M,)
+    junk = torch.randn(pad, K, generator=g) * 10
+    t_pad, s_pad = torch.cat([t_logits, junk]), torch.cat([s_logits, junk])
+    w_pad = torch.cat([weight, torch.zeros(pad)])
+
+    q, q_pad = sinkhorn_knopp(t_logits, 0.05), sinkhorn_knopp(t_pad, 0.05, weights=w_pad)
+    assert torch.allclose(q_pad[:M], q, atol=1e-6) and torch.equal(q_pad[M:], torch.zeros(pad, K))
+    c, c_pad = TeacherCentering(K), TeacherCentering(K)
+    p, p_pad = c(t_logits, 0.05), c_pad(t_pad, 0.05, weights=w_pad)
+    assert torch.allclose(p_pad[:M], p) and torch.allclose(c_pad.center, c.center, atol=1e-7)
+    loss = ibot_loss(s_logits, q, masks, student_temp=0.1)
+    assert torch.allclose(ibot_loss(s_pad, q_pad, masks, 0.1, mask_weight=w_pad), loss, atol=1e-6)
+    ent, ent_pad = ssl_entropies(q, q, s_logits, s_logits, 0.1), ssl_entropies(q, q_pad, s_logits, s_pad, 0.1, w_pad)
+    for k in ("ent_t_ibot", "ent_s_ibot"):
+        assert ent_pad[k].item() == pytest.approx(ent[k].item(), rel=1e-6), k
+
+
 def _on_circle(angles, radii):
     a = torch.tensor(angles, dtype=torch.float64)
     return (torch.stack([a.cos(), a.sin()], dim=-1) * torch.tensor(radii, dtype=torch.float64)[:, None]).float()
@@ -170,7 +197,9 @@ def test_koleo_hand_worked_per_crop():
     k0 = -sum(math.log(chord(d) + 1e-8) for d in (0.1, 0.1, 0.2, 0.7)) / 4
     k1 = -sum(math.log(chord(d) + 1e-8) for d in (0.45, 0.45, 0.5, 0.5)) / 4
     loss = koleo_loss(torch.cat([crop0, crop1]), n_crops=2)  # crop-major (2B, D)
-    assert loss.item() == pytest.approx((k0 + k1) / 2, abs=1e-5)  # pooling the crops would find 0.05-gaps
+    # summed over the two crops as DINOv2 sums them (a mean would halve KoLeo's weight); pooling the crops would find
+    # the 0.05-gaps between them
+    assert loss.item() == pytest.approx(k0 + k1, abs=1e-5)
 
 
 def test_koleo_gradient_is_finite_for_duplicates():

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from model import (PRESETS, VTP, Attention, Config, ConfigError, DINOHead, RopeEmbedding, TextAttention,
-                   amp_setup, apply_rope, drop_path, ema_update, load_official_vtp, load_safetensors, load_vtp,
+                   amp_setup, apply_rope, drop_path_scales, ema_update, load_official_vtp, load_safetensors, load_vtp,
                    parameter_counts, parse_config, resolve_checkpoint, save_checkpoint, save_safetensors)
 
 
@@ -219,22 +219,32 @@ def test_drop_path_is_sample_level_and_only_in_training():
 
 
 def test_drop_path_draws_only_from_the_given_generator():
-    x = torch.ones(64, 3, 5)
     state = torch.get_rng_state()
-    a = drop_path(x, 0.5, True, torch.Generator().manual_seed(1))
+    a = drop_path_scales(3, 64, 0.5, True, torch.Generator().manual_seed(1))  # (blocks, branches, B, 1, 1)
     assert torch.equal(torch.get_rng_state(), state), "the global generator is not touched"
-    assert torch.equal(a, drop_path(x, 0.5, True, torch.Generator().manual_seed(1)))  # same seed, same samples
-    assert not torch.equal(a, drop_path(x, 0.5, True, torch.Generator().manual_seed(2)))
-    per_sample = a[:, 0, 0]
-    assert torch.equal(a, per_sample[:, None, None].expand_as(a))  # whole samples dropped or kept
-    assert set(per_sample.tolist()) == {0.0, 2.0}  # kept samples rescaled by 1/(1-p)
-    # a trunk's forward passes its generator to every block: the same seed gives the same features
+    assert a.shape == (3, 2, 64, 1, 1)
+    assert torch.equal(a, drop_path_scales(3, 64, 0.5, True, torch.Generator().manual_seed(1)))  # same seed
+    assert not torch.equal(a, drop_path_scales(3, 64, 0.5, True, torch.Generator().manual_seed(2)))
+    assert set(a.flatten().tolist()) == {0.0, 2.0}  # a branch dropped, or kept and rescaled by 1/(1-p)
+    assert drop_path_scales(3, 64, 0.5, False) is None and drop_path_scales(3, 64, 0.0, True) is None
+    # a trunk's forward draws once for all its blocks: the same seed gives the same features
     torch.manual_seed(0)
     trunk = VTP(small_cfg()).trunk.train()
     imgs = torch.randn(8, 3, 32, 32)
     f = [trunk.forward_features(imgs, drop_path_rate=0.5, generator=torch.Generator().manual_seed(s))["cls"]
          for s in (3, 3, 4)]
     assert torch.equal(f[0], f[1]) and not torch.equal(f[0], f[2])
+
+
+def test_dropped_branch_leaves_the_sample_unchanged():
+    """Sample-level stochastic depth: a sample whose two branches of a block are dropped passes through it as is."""
+    torch.manual_seed(0)
+    blk = VTP(small_cfg()).trunk.blocks[0]
+    x = torch.randn(4, 5, blk.norm1.weight.shape[0])
+    scale = torch.tensor([[0.0, 2.0, 0.0, 2.0]] * 2).view(2, 4, 1, 1)  # samples 0 and 2 dropped in both branches
+    y, full = blk(x, None, scale), blk(x)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[2], x[2])
+    assert not torch.allclose(y[1], full[1])  # kept samples' branches are rescaled by 1/(1-p)
 
 
 def test_decoder_1x1_convs_run_as_linears_with_gradients_in_the_parameter_layout():
