@@ -674,10 +674,12 @@ def seeded(seed):
         yield
 
 
-def cleanup_distributed():
-    """Barrier, then destroy the process group (avoids gloo aborts at exit). Delete DDP wrappers first."""
+def cleanup_distributed(barrier=True):
+    """Barrier, then destroy the process group (avoids gloo aborts at exit). Delete DDP wrappers first.
+    barrier=False after an error on this rank: the others may never reach a barrier, so leave at once."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -241,8 +241,11 @@ def check_ranks_in_sync(module, rank, world_size):
 
 
 def fixed_preview_images(cfg: Config, n=8):
-    """The first n validation images at the training size, for previews that are comparable across steps."""
-    batch = next(iter(data.build_eval_loader(cfg, "val", cfg.encoder.image_size, n, max_images=n)))
+    """The first n validation images at the training size (training images when there is no validation data:
+    data.holdout=0 without data.val_path), for previews that are comparable across steps."""
+    d = cfg.data
+    split = "val" if d.dataset == "builtin" or d.val_path or d.holdout > 0 else "train"
+    batch = next(iter(data.build_eval_loader(cfg, split, cfg.encoder.image_size, n, max_images=n)))
     return batch["images"]
 
 
@@ -610,9 +613,12 @@ def main(argv=None):
             with open(os.path.join(out_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
         train = train_stage1 if cfg.train.stage == 1 else train_stage2
-        return train(cfg, rank, world_size, device)
-    finally:
-        cleanup_distributed()
+        result = train(cfg, rank, world_size, device)
+    except BaseException:
+        cleanup_distributed(barrier=False)  # an error on one rank must not leave it waiting for the others
+        raise
+    cleanup_distributed()
+    return result
 
 
 if __name__ == "__main__":
