@@ -1064,12 +1064,9 @@ BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 23
 PATTERNS = {"plain": 0.85, "noisy": 0.05, "striped": 0.05, "checkered": 0.05}  # probabilities; plain has a faint grain
 MIN_CONTRAST = 130  # RGB distance an object colour keeps from the background colour
 SIZES = {"tiny": (0.18, 0.28), "small": (0.55, 0.65), "medium": (0.65, 0.75), "large": (0.8, 0.95)}  # diameter/side
-# The labelled object is large (80-95% of the side) and 85% of backgrounds are plain, so that the tiny ViT can learn
-# shape at 32 px within the default budget [ours]: the encoder trained on the shape labels for 300 steps
-# (`scripts/supervised_ceiling.py --steps=300 --val=500`) reaches 78% val top-1 here, 38% with the previous main
-# objects (55-88% of the side, anywhere, 55% plain backgrounds). Trying sizes and backgrounds one at a time, the range
-# of sizes mattered most: a ViT from scratch is slow to learn scale invariance; 65-95% was far slower to learn than
-# 80-95%, and plainer backgrounds helped less. The smaller sizes stay in SIZES for a harder data set (MAIN_SIZES).
+# The labelled object is large (80-95% of the side) and most backgrounds are plain, so that the tiny ViT can learn
+# shape at 32 px within the default budget [ours]: a ViT from scratch is slow to learn scale invariance, and the
+# range of sizes mattered most (scripts/results/experiments.md). The smaller sizes stay in SIZES (MAIN_SIZES).
 MAIN_SIZES = ("large",)
 SIZE_WORDS = {"tiny": ("tiny", "very small"), "small": ("small", "little"), "medium": ("medium", "medium-sized"),
               "large": ("large", "big")}
@@ -1084,8 +1081,7 @@ POSITIONS = tuple(POSITION_PHRASES)
 SECOND_OBJECT_P = 0.25  # scenes with a tiny second object (drawn beneath the main one, so it never hides it)
 # Captions name the main object's shape always and every other attribute only sometimes, as alt-text does [ours].
 # A caption that leaves out the colour fits every colour of its shape, so many of its in-batch negatives differ from
-# it only in shape: InfoNCE cannot be solved by colour alone (with every attribute named, under 2% of images had a
-# batch-mate differing only in shape). `shape_only_negative_share` measures this on a batch.
+# it only in shape: InfoNCE cannot be solved by colour alone. `shape_only_negative_share` measures this on a batch.
 MENTION_P = {"size": 0.3, "color": 0.5, "position": 0.3, "background": 0.25, "second": 0.5}
 CAPTION_PREFIXES = ("", "", "there is ", "a picture of ", "a drawing of ", "an image of ")
 SECOND_OBJECT_JOINS = (" and {o2}", ", with {o2}", " next to {o2}")

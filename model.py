@@ -81,13 +81,8 @@ class TextConfig:
 
 @dataclass
 class HeadConfig:
-    # tiny [ours]: K / bottleneck = 16 (DINOv2: 65536 / 256) gives the MLP fewer prototype-poor directions to hide in
-    # than the old 1024 / 256, and K is not much larger than the 2*B_ssl teacher rows of the global batch: at
-    # convergence Sinkhorn-Knopp gives each prototype a total mass of 2*B_ssl/K, so no row can put more than that on one
-    # prototype. With Sinkhorn-Knopp it did not stop the hiding: after the freeze the prototypes left two of the 16
-    # directions with 1.2% of their energy and the teacher put 76% of its bottleneck energy there, so both softmaxes
-    # stayed flat (`scripts/ssl_head_diagnostic.py`; README, "Why Sinkhorn-Knopp stayed near log K"); the tiny preset
-    # therefore centres the teacher instead (`_tiny_preset`).
+    # tiny [ours]: K / bottleneck = 16 keeps DINOv2's large ratio (65536 / 256), so the MLP has few prototype-poor
+    # directions to hide in (scripts/results/experiments.md)
     hidden_dim: int = 256  # DINO head MLP hidden size (2048 for S/B/L)
     bottleneck_dim: int = 16  # L2-normalized bottleneck before the prototypes (256 for S/B/L)
     num_prototypes: int = 256  # K, the number of prototypes (65536 for S/B/L)
@@ -97,8 +92,8 @@ class HeadConfig:
 
 @dataclass
 class LossConfig:
-    lambda_rec: float = 0.1  # weight of L_rec (paper: 0.1)
-    lambda_ssl: float = 1.0  # weight of L_ssl (paper: 0 or 1)
+    lambda_rec: float = 2.0  # weight of L_rec (paper and S/B/L: 0.1; tiny [ours]: its L_rec is L1 alone on 8 of 64)
+    lambda_ssl: float = 0.25  # weight of L_ssl (paper and S/B/L: 1; tiny [ours]: less SSL pull on CLIP's shape)
     lambda_clip: float = 1.0  # weight of L_clip (paper: 0 or 1)
     l1_weight: float = 1.0  # weight of L1 inside L_rec
     lpips_weight: float = 1.0  # weight of LPIPS inside L_rec (disabled when no weights are given)
@@ -109,10 +104,12 @@ class LossConfig:
     lpips: str = "auto"
     koleo_weight: float = 0.1  # weight of the KoLeo regularizer inside L_ssl
     student_temp: float = 0.1  # student softmax temperature
-    teacher_temp: float = 0.04  # teacher temperature after warm-up (S/B/L: 0.07, DINOv2; tiny: 0.02 throughout, ours)
-    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
+    teacher_temp: float = 0.02  # teacher temperature after warm-up (S/B/L: 0.07, DINOv2; tiny [ours]: sharper targets)
+    warmup_teacher_temp: float = 0.02  # teacher temperature at step 0 (S/B/L: 0.04)
     teacher_temp_warmup_frac: float = 0.3  # fraction of steps to warm the teacher temperature up
-    teacher_norm: str = "sinkhorn"  # teacher probabilities: "sinkhorn" (Sinkhorn-Knopp; S/B/L) or "centering" (tiny)
+    # teacher probabilities: "sinkhorn" (Sinkhorn-Knopp; S/B/L) or "centering" (DINO's; tiny [ours]: over 32 teacher
+    # rows and K = 256, Sinkhorn-Knopp's targets depend on the batch-mates and stayed near log K)
+    teacher_norm: str = "centering"
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations
     center_momentum: float = 0.9  # EMA momentum of the centre ("centering" only)
     logit_scale_init: float = 2.659260036932778  # ln(1/0.07)
@@ -130,7 +127,7 @@ class DataConfig:
     path: str = ""  # root folder, JSONL file, or tar brace pattern (not used by builtin)
     val_path: str = ""  # validation data of the same kind (builtin uses its val split)
     holdout: int = 1000  # without val_path: training samples held back as validation data (data.held_out); 0 = none
-    # tiny [ours]: 64, not 32: CLIP only learns shape here with twice the in-batch negatives (README, measured)
+    # tiny [ours]: 64, not 32: CLIP only learned shape here with twice the in-batch negatives
     batch_size: int = 64  # B: image-text pairs per process per micro-step (all feed CLIP)
     ssl_batch_size: int = 16  # B_ssl: random subset of the B samples that feeds SSL (paper 16k/4k; tiny: 2*16 SK rows)
     rec_batch_size: int = 8  # B_rec: random subset that feeds reconstruction (paper 16k/2k)
@@ -140,10 +137,11 @@ class DataConfig:
     global_crop_scale: tuple = (0.5, 1.0)  # RandomResizedCrop scale range of global crops
     local_crop_scale: tuple = (0.2, 0.5)  # RandomResizedCrop scale range of local crops
     local_crop_size: int = 0  # local crop side; 0 = patch * round(grid * 7/16) (112 for 256 px)
-    # SSL colour augmentation, DINOv2's: jitter applied with p 0.8, then grayscale with p 0.2 (S/B/L); the tiny
-    # preset turns every SSL crop gray (`_tiny_preset`)
+    # SSL colour augmentation, DINOv2's: jitter applied with p 0.8, then grayscale with p 0.2 (S/B/L)
     color_jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # max brightness, contrast, saturation change and hue shift (turns)
-    grayscale_p: float = 0.2  # probability that an SSL crop is turned to grayscale
+    # probability that an SSL crop is turned to grayscale (S/B/L: 0.2; tiny [ours]: 1, what two crops of a built-in
+    # scene share is then the outline, not the colour)
+    grayscale_p: float = 1.0
     mask_prob: float = 0.5  # fraction of global crops that get an iBOT mask
     mask_ratio: tuple = (0.1, 0.5)  # iBOT mask ratios, spread linearly across the batch
     mask_min_patches: int = 4  # smallest block of a BEiT-style mask
@@ -158,19 +156,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4  # peak lr at a global batch of lr_ref_batch; scaled by sqrt(global_batch / lr_ref_batch)
-    lr_ref_batch: int = 4096  # reference global CLIP batch of `lr`
+    # peak lr at a global batch of lr_ref_batch, scaled by sqrt(global_batch / lr_ref_batch) (S/B/L: 5e-4 at 4096;
+    # tiny [ours]: 2e-3 at 64, so the 1000 steps get through CLIP's shape phase)
+    lr: float = 2e-3
+    lr_ref_batch: int = 64  # reference global CLIP batch of `lr`
     betas: tuple = (0.9, 0.98)  # AdamW betas
     eps: float = 1e-6  # AdamW eps
     weight_decay: float = 0.05  # AdamW weight decay (none on norms, biases, tokens, logit_scale)
-    warmup_frac: float = 0.05  # linear warm-up, fraction of max_steps
+    warmup_frac: float = 0.15  # linear warm-up, fraction of max_steps (S/B/L: 0.05; tiny [ours]: 2e-3 needs 150 steps)
     min_lr_frac: float = 0.01  # cosine decays to this fraction of the peak lr
     grad_clip: float = 3.0  # max global gradient norm (0 = off)
-    # lr multiplier of the text tower [ours]. S/B/L: 1, one lr for every parameter as in the paper. tiny: 0.3. From
-    # scratch, the image tower knows no shape at first, so a text tower at full lr erases the shape word from the
-    # caption embeddings within ~100 steps and CLIP settles on colour for good; a slower text tower keeps the shape
-    # word until the image tower can see shape (README, "What the default CPU runs measure").
-    text_lr_mult: float = 1.0
+    # lr multiplier of the text tower (S/B/L: 1, as in the paper; tiny [ours]: 0.3, or a text tower at full lr erases
+    # the shape word from the captions before the image tower can see shape)
+    text_lr_mult: float = 0.3
     teacher_momentum: float = 0.992  # teacher EMA momentum at step 0 (cosine to teacher_momentum_final)
     teacher_momentum_final: float = 1.0  # teacher EMA momentum at the last step
     stage2_lr: float = 1e-4  # stage 2 (decoder + discriminator) AdamW lr
@@ -192,7 +190,7 @@ class TrainConfig:
     stage: int = 1  # 1 = joint pre-training, 2 = decoder GAN fine-tuning
     out_dir: str = "runs/pretrain"  # checkpoints, config.json, metrics.jsonl and previews go here
     init_from: str = ""  # stage 2: stage-1 checkpoint (file or folder); empty = latest in out_dir
-    max_steps: int = 1000  # optimizer steps (tiny: 9-13 minutes on 2 idle CPU cores, by the day)
+    max_steps: int = 1000  # optimizer steps (tiny: about 10 minutes on 2 CPU cores)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     grad_checkpoint: bool = False  # recompute each transformer block in the backward (S/B/L: on); same gradients
     keep_ckpts: int = 3  # newest ckpt_*.pt kept in out_dir (0 = all)
@@ -330,54 +328,20 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
     c.text = TextConfig(vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12, embed_dim=768,
                         tokenizer="")
     c.head = HeadConfig(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536, freeze_last_layer_steps=1250)
-    c.loss = LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, lpips="on")  # DINOv2; L_rec = L1 + LPIPS
+    # the paper's λs, DINOv2's teacher (Sinkhorn-Knopp, 0.04 -> 0.07), L_rec = L1 + LPIPS
+    c.loss = LossConfig(lambda_rec=0.1, lambda_ssl=1.0, teacher_norm="sinkhorn", teacher_temp=0.07,
+                        warmup_teacher_temp=0.04, lpips="on")
     c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_local_crops=8, num_workers=8,
-                        global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), shuffle_buffer=5000,
-                        shuffle_shards=4)
-    c.optim = OptimConfig()
+                        global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), grayscale_p=0.2,
+                        shuffle_buffer=5000, shuffle_shards=4)
+    c.optim = OptimConfig(lr=5e-4, lr_ref_batch=4096, warmup_frac=0.05, text_lr_mult=1.0)
     c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000, grad_checkpoint=True)
     return c
 
 
 def _tiny_preset():
-    c = Config(preset="tiny")  # the dataclass defaults are the tiny preset
-    # peak lr 2e-3 after a 150-step warm-up [ours]. At 1e-3 (50-step warm-up) the 1000 steps end in the middle of
-    # CLIP's shape phase and the seed decides how far it got (k-NN 72.3-83.1% over seeds 0-4); at 2e-3 with the 50-step
-    # warm-up CLIP gets through it on three seeds of four but stalls near 2.9 from step 200 on seed 1 (zero-shot
-    # 14.8%). With the longer warm-up every seed 0-4 learns shape (zero-shot 95.7-98.3%, k-NN 87.0-93.3% at λ_rec
-    # 0.5); the cost is a wider PSNR gap to the AE, which λ_rec 2.0 below narrows (README, "What the default CPU runs
-    # measure").
-    c.optim = OptimConfig(lr=2e-3, lr_ref_batch=64, warmup_frac=0.15, text_lr_mult=0.3)
-    # λ_rec 2.0 [ours] (paper and S/B/L: 0.1). The tiny default has no LPIPS weights, so L_rec is L1 alone, and B_rec
-    # is 8 of 64. At the paper's 0.1 (lr 1e-3) the latent's PSNR was 3.3 dB below an AE-only run of the same steps and
-    # λ_rec; at 0.5 it was 0.67 dB below at lr 1e-3 but 1.90 dB below at lr 2e-3 (seed 0). At 2.0 over seeds 0-4 the
-    # PSNR is 25.06-25.68 dB (23.98-25.01 at 0.5), 0.26-1.22 dB below an AE of the same flags and seed (within 1 dB
-    # on four seeds of five), for 2.8-4.9 points of k-NN (84.2-89.5% vs 87.0-93.3% at 0.5) (README, "What the default
-    # CPU runs measure").
-    # The λ_ssl and teacher choices below were measured at the earlier peak lr 1e-3 (50-step warm-up) and λ_rec 0.5.
-    # λ_ssl 0.25 [ours] (paper and S/B/L: 1). With the Sinkhorn-Knopp teacher, at 1 the SSL gradient cost the shared
-    # encoder much of the shape CLIP teaches it in 1000 steps (linear probe / k-NN / zero-shot 87.7 / 68.0 / 75.3% vs
-    # 94.4 / 88.0 / 95.0% with SSL off; 93.9 / 85.3 / 92.7% at 0.25). With the centred teacher below, 0.1 gives no
-    # better features than 0.25 (88.5 / 74.2 / 81.5% vs 90.3 / 72.3 / 81.2%) (README, "What the default CPU runs
-    # measure").
-    # Teacher targets by DINO's centering [ours for tiny; DINO's, and an option of DINOv2's] instead of Sinkhorn-Knopp
-    # (S/B/L). Sinkhorn-Knopp balances the prototypes within one batch: over the 2*B_ssl = 32 teacher rows of the tiny
-    # batch and K = 256 it hands each prototype 1/8 of a row, so (our reading) a row's target depends on its
-    # batch-mates, not only on its image. In the lr-1e-3 run both heads then stayed within 0.45 / 0.70 nats of log K;
-    # with the centre (an EMA over batches) they leave it by 1.6 / 2.9 and the PSNR gap to the AE shrinks from 1.06 to
-    # 0.67 dB, at a cost in shape features (k-NN 72.3% vs 85.3%) (README, "What the default CPU runs measure").
-    # Every SSL crop gray, and the teacher sharpened from DINO's 0.04 to 0.02 [ours, both] (DINOv2 and S/B/L: gray
-    # p 0.2, teacher 0.04 -> 0.07). What two crops of a built-in scene share most is the object's colour: with DINOv2's
-    # augmentation SSL on its own learned colour, and less shape than an AE of the same steps (k-NN 33.7% vs 41.1%).
-    # Gray crops share the outline instead, but alone they left the teacher's targets spread (4.4 nats at the last
-    # step) and DINO within 0.82 nats of log K. With both, DINO ends 1.9-2.5 nats below log K over seeds 0-4, SSL on
-    # its own beats the AE's k-NN (45.3 / 48.2% vs 41.1 / 38.9% at seeds 0 / 1), and the full run stays within the
-    # colour crops' seed spread (k-NN 83.8-91.0% vs 84.2-89.5%, PSNR 0.22-1.19 dB below the AE vs 0.26-1.22) (README,
-    # "What the default CPU runs measure").
-    c.data = DataConfig(grayscale_p=1.0)
-    c.loss = LossConfig(lambda_rec=2.0, lambda_ssl=0.25, teacher_norm="centering", teacher_temp=0.02,
-                        warmup_teacher_temp=0.02)
-    return c
+    """The CPU demonstration: the dataclass defaults, whose [ours] choices are explained beside each field."""
+    return Config(preset="tiny")
 
 
 PRESETS = {
@@ -553,10 +517,15 @@ def config_help(cfg, aliases=None):
     comments = {}
 
     def walk(obj, prefix):
+        above = []  # a comment block just above a field explains it when the field line has none
         for line in inspect.getsource(type(obj)).splitlines():
-            m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
+            if re.match(r"\s+#", line):
+                above.append(line.strip()[1:].strip())
+                continue
+            m = re.match(r"\s+(\w+):[^#=]*=[^#]*(?:#\s*(.*))?$", line)
             if m:
-                comments[prefix + m.group(1)] = m.group(2)
+                comments[prefix + m.group(1)] = m.group(2) or " ".join(above)
+            above = []
         for f in dataclasses.fields(obj):
             if dataclasses.is_dataclass(getattr(obj, f.name)):
                 walk(getattr(obj, f.name), prefix + f.name + ".")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -561,7 +562,8 @@ def test_help_lists_every_key_with_its_preset_value_and_comment(capsys):
     for row, key in zip(rows, _all_keys(cfg)):
         assert (row + "  ").startswith(f"  --{key}={_get(cfg, key)}  "), row
     assert "--tokenizer = --dit.tokenizer" in out
-    assert "--loss.lambda_rec=0.1  " in out and "weight of L_rec (paper: 0.1)" in out  # the S preset's value
+    assert "--loss.lambda_rec=0.1  " in out and "weight of L_rec (paper and S/B/L: 0.1" in out  # the S preset's value
+    assert re.search(r"--optim.text_lr_mult=1.0 +lr multiplier of the text tower", out)  # comment block above it
     assert "--encoder.width=384 " in out and "token width D" in out
     with pytest.raises(ConfigError, match="preset='X'"):  # a wrong preset is an error, with or without --help
         parse_config(["--preset=X", "--help"])

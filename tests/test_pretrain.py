@@ -38,7 +38,7 @@ def metrics(folder):
 def test_schedules_are_pure_functions_of_the_step():
     cfg = Config()
     cfg.train.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_frac = 100, 0.1, 0.01
-    cfg.loss.teacher_temp = 0.07  # the DINOv2 warm-up 0.04 -> 0.07 of S/B/L (tiny: 0.02 throughout)
+    cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp = 0.04, 0.07  # DINOv2's warm-up of S/B/L (tiny: 0.02 flat)
     peak = 1e-3
     assert pretrain.lr_at(0, cfg, peak) == pytest.approx(peak / 10)
     assert pretrain.lr_at(9, cfg, peak) == pytest.approx(peak)

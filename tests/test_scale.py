@@ -109,6 +109,7 @@ def test_released_presets_need_clip_vocabulary_and_lpips_weights(tmp_path):
         c = PRESETS[name]()
         assert c.train.grad_checkpoint and c.loss.lpips == "on" and c.text.tokenizer == "", name
     tiny = Config()
+    assert tiny == PRESETS["tiny"](), "the dataclass defaults are the tiny preset: a fork edits one place"
     assert not tiny.train.grad_checkpoint and tiny.loss.lpips == "auto" and tiny.text.tokenizer == "bpe"
 
 
