@@ -81,8 +81,8 @@ class TextConfig:
 
 @dataclass
 class HeadConfig:
-    # tiny [ours]: K / bottleneck = 16 keeps DINOv2's large ratio (65536 / 256), so the MLP has few prototype-poor
-    # directions to hide in (scripts/results/experiments.md)
+    # tiny [ours]: K / bottleneck = 256 / 16 = 16, large as in DINOv2 (65536 / 256), so the MLP has few
+    # prototype-poor directions to hide in (scripts/results/experiments.md)
     hidden_dim: int = 256  # DINO head MLP hidden size (2048 for S/B/L)
     bottleneck_dim: int = 16  # L2-normalized bottleneck before the prototypes (256 for S/B/L)
     num_prototypes: int = 256  # K, the number of prototypes (65536 for S/B/L)
@@ -318,8 +318,10 @@ def _from_dict(cls, d):
     return cls(**kwargs)
 
 
-def _released_preset(name, width, depth, heads, drop_path_ssl):
-    """S/B/L as released (Method §2-4): 256 px, patch 16, f16d64, CLIP text tower, decoder mirrors the encoder."""
+def _released_preset(name, width, depth, heads, drop_path_ssl, batch):
+    """S/B/L as released (Method §2-4): 256 px, patch 16, f16d64, CLIP text tower, decoder mirrors the encoder.
+    batch: the per-GPU CLIP batch B (B_ssl = B/4, B_rec = B/8 as in the paper's 16k / 4k / 2k), chosen with
+    `scripts/benchmark.py --memory` to stay below 72 GiB of an 80 GiB GPU with checkpointing on, as is stage 2's."""
     c = Config(preset=name)
     c.encoder = EncoderConfig(image_size=256, patch_size=16, width=width, depth=depth, num_heads=heads,
                               latent_dim=64, drop_path_ssl=drop_path_ssl)
@@ -331,11 +333,12 @@ def _released_preset(name, width, depth, heads, drop_path_ssl):
     # the paper's λs, DINOv2's teacher (Sinkhorn-Knopp, 0.04 -> 0.07), L_rec = L1 + LPIPS
     c.loss = LossConfig(lambda_rec=0.1, lambda_ssl=1.0, teacher_norm="sinkhorn", teacher_temp=0.07,
                         warmup_teacher_temp=0.04, lpips="on")
-    c.data = DataConfig(batch_size=512, ssl_batch_size=128, rec_batch_size=64, num_local_crops=8, num_workers=8,
-                        global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), grayscale_p=0.2,
+    c.data = DataConfig(batch_size=batch, ssl_batch_size=batch // 4, rec_batch_size=batch // 8, num_local_crops=8,
+                        num_workers=8, global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), grayscale_p=0.2,
                         shuffle_buffer=5000, shuffle_shards=4)
     c.optim = OptimConfig(lr=5e-4, lr_ref_batch=4096, warmup_frac=0.05, text_lr_mult=1.0)
-    c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000, grad_checkpoint=True)
+    c.train = TrainConfig(max_steps=100_000, log_every=50, ckpt_every=2000, preview_every=2000, grad_checkpoint=True,
+                          stage2_batch_size=128)
     return c
 
 
@@ -346,9 +349,9 @@ def _tiny_preset():
 
 PRESETS = {
     "tiny": _tiny_preset,
-    "S": lambda: _released_preset("S", 384, 12, 6, 0.1),
-    "B": lambda: _released_preset("B", 768, 12, 12, 0.1),
-    "L": lambda: _released_preset("L", 1024, 24, 16, 0.2),
+    "S": lambda: _released_preset("S", 384, 12, 6, 0.1, batch=768),
+    "B": lambda: _released_preset("B", 768, 12, 12, 0.1, batch=768),
+    "L": lambda: _released_preset("L", 1024, 24, 16, 0.2, batch=512),
 }
 
 # DiT size presets (LightningDiT / DiT naming; the DiT itself is in train_dit.py), with the defaults of `--dit.lr`

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every CUDA path of the project on one GPU, with logs: the CUDA tests, the benchmarks of every step (bf16, fp16 with
-# a GradScaler, compiled and not), and a short torchrun pre-training at S size followed by a DiT on its latents.
+# a GradScaler, compiled and not), the memory model against max_memory_allocated, and a short torchrun pre-training
+# at S size on generated tar shards (eager, then compiled) followed by a DiT on its latents.
 #
-#   bash scripts/cuda_check.sh tests|bench|compile|run|all      # logs and summary.txt in $OUT (default runs/cuda_check)
+#   bash scripts/cuda_check.sh tests|memory|bench|compile|run|all  # logs and summary.txt in $OUT (default runs/cuda_check)
 #   ONLY='s1_B|dit_XL' bash scripts/cuda_check.sh bench          # only the benchmarks whose name matches
 #
 # Numbers from this script are in the README's performance section. Each command has its own time limit (T seconds).
@@ -60,23 +61,38 @@ part_compile() {
   bench sample_XL_compile --what=sample --preset=B --dit_model=XL --batch=256 --steps=1 --warmup=1 --compile
 }
 
-part_run() {  # a short real run: torchrun stage 1 at S size, 256 px, built-in data; then a DiT-B on its latents
-  local run=$out/pretrain_S
-  echo "=== torchrun pretrain S"
-  TORCH_LOGS=recompiles timeout "$T" torchrun --standalone --nproc_per_node=1 pretrain.py --preset=S --train.out_dir="$run" \
-    --data.batch_size=256 --data.ssl_batch_size=64 --data.rec_batch_size=32 --data.num_workers=14 \
-    --train.max_steps=150 --train.log_every=25 --train.ckpt_every=150 --train.preview_every=150 \
-    --run.compile=true > "$out/pretrain_S.log" 2>&1
-  echo "    rc=$?"; grep -E "^step|resumed|Error|error" "$out/pretrain_S.log" | tail -n 12
-  echo "    recompilations: $(grep -c "Recompiling function" "$out/pretrain_S.log")"
+part_memory() {  # the memory model's table next to max_memory_allocated of real steps at the shipped batches
+  echo "=== memory"
+  timeout "$T" $py scripts/benchmark.py --memory > "$out/memory.log" 2>&1
+  echo "    rc=$?"; tail -n 30 "$out/memory.log"
+  { echo "## memory"; cat "$out/memory.log"; } >> "$out/summary.txt"
+}
+
+part_run() {  # the command users run: torchrun stage 1 at S on tar shards, eager then compiled; a DiT on its latents
+  local shards=$out/shards steps=${STEPS:-60}
+  echo "=== shards"
+  $py scripts/preview_data.py --out="$out" --shards=16 --per_shard=256 --encoder.image_size=256 > /dev/null
+  # no CLIP merges file or LPIPS weights on the device: the logged opt-outs (a BPE of 1024 ids: quick to train)
+  local common=(--preset=S --text.tokenizer=bpe --text.vocab_size=1024 --loss.lpips=off --data.dataset=tar
+    "--data.path=$shards/{00000..00015}.tar" --data.holdout=256 --train.max_steps="$steps" --train.log_every=10
+    --train.ckpt_every="$steps" --train.preview_every="$steps")
+  for mode in eager compiled; do
+    local flag=(); [[ $mode == compiled ]] && flag=(--run.compile=true)
+    echo "=== torchrun pretrain S ($mode)"
+    TORCH_LOGS=recompiles timeout "$T" torchrun --standalone --nproc_per_node=1 pretrain.py "${common[@]}" "${flag[@]}" \
+      --train.out_dir="$out/pretrain_S_$mode" > "$out/pretrain_S_$mode.log" 2>&1
+    echo "    rc=$?"; grep -E "^step|Error|error" "$out/pretrain_S_$mode.log" | tail -n 8
+    echo "    recompilations: $(grep -c "Recompiling function" "$out/pretrain_S_$mode.log")"
+    { echo "## pretrain_S_$mode"; grep -E "^step" "$out/pretrain_S_$mode.log" | tail -n 3; } >> "$out/summary.txt"
+  done
   echo "=== DiT-B on its latents"
-  timeout "$T" $py train_dit.py --tokenizer="$run" --dit.model=B --dit.out_dir="$out/dit_B" \
-    --dit.num_cache_images=2000 --dit.stats_images=2000 --dit.batch_size=256 --dit.max_steps=200 \
-    --dit.log_every=50 --dit.ckpt_every=200 --dit.sample_every=200 --sample.num_steps=50 \
-    --run.compile=true > "$out/dit_B.log" 2>&1
+  timeout "$T" $py train_dit.py --tokenizer="$out/pretrain_S_compiled" --dit.model=B --dit.out_dir="$out/dit_B" \
+    --dit.num_cache_images=2000 --dit.stats_images=2000 \
+    --dit.batch_size=256 --dit.max_steps=200 --dit.log_every=50 --dit.ckpt_every=200 --dit.sample_every=200 \
+    --sample.num_steps=50 --run.compile=true > "$out/dit_B.log" 2>&1
   echo "    rc=$?"; grep -E "^step|wrote|Error|error|DiT-" "$out/dit_B.log" | tail -n 12
-  rm -f "$run"/ckpt_*.pt "$out"/dit_B/ckpt_*.pt  # keep logs and PNGs, not the weights
-  rm -rf "$out"/dit_B/latents*
+  rm -f "$out"/pretrain_S_*/ckpt_*.pt "$out"/dit_B/ckpt_*.pt  # keep logs and PNGs, not the weights
+  rm -rf "$out"/dit_B/latents* "$shards"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -85,7 +101,8 @@ case "${1:-all}" in
   tests) part_tests ;;
   bench) part_bench ;;
   compile) part_compile ;;
+  memory) part_memory ;;
   run) part_run ;;
-  all) part_tests; part_bench; part_compile; part_run ;;
+  all) part_tests; part_memory; part_bench; part_compile; part_run ;;
 esac
 echo "=== summary"; cat "$out/summary.txt" 2>/dev/null

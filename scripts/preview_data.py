@@ -3,17 +3,22 @@ Look at the built-in data and time the pre-training data pipeline.
 
     python scripts/preview_data.py                       # tiny preset: 32 px
     python scripts/preview_data.py --encoder.image_size=64 --data.num_workers=2
+    python scripts/preview_data.py --shards=16 --per_shard=256 --encoder.image_size=256   # -> runs/preview/shards/
 
 Writes (under --out, default runs/preview/):
   builtin_samples.png  a grid of training scenes, each upscaled (nearest) with its caption underneath;
   builtin_crops.png    one batch's DINOv2 views: global crops with their iBOT masks darkened, then local crops;
 and prints the samples/s of the full multi-crop pipeline (`build_pretrain_loader`: scene drawing, CLIP image,
 tokens, 2 global + n local crops of the SSL subset, masks) at the given settings and at 256 px (patch 16).
+With --shards=N it instead writes the first N x --per_shard training scenes as img2dataset-style tar shards
+(key.jpg + key.txt) under --out/shards/, to rehearse the real-data path (`--data.dataset=tar`) without data.
 Any `--key=value` of the shared config applies (model.parse_config).
 """
 
+import io
 import os
 import sys
+import tarfile
 import textwrap
 import time
 
@@ -30,6 +35,21 @@ COLUMNS = 6
 TEXT_LINES = 4  # caption lines under each sample
 LINE_HEIGHT = 12
 WRAP = 21  # characters per caption line with PIL's default font at CELL = 128
+
+
+def write_shards(dataset, folder, n_shards, per_shard):
+    """The first n_shards * per_shard scenes of `dataset` as tar shards 00000.tar, ... (key.jpg + key.txt each)."""
+    os.makedirs(folder, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                sample, jpg = dataset[i], io.BytesIO()
+                sample["image"].save(jpg, format="JPEG", quality=95)
+                for ext, payload in (("jpg", jpg.getvalue()), ("txt", sample["caption"].encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return os.path.join(folder, "{00000.." + f"{n_shards - 1:05d}" + "}.tar")
 
 
 def sample_grid(dataset, n):
@@ -90,13 +110,21 @@ def samples_per_second(cfg, n_batches):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = "runs/preview"
+    opts = {"out": "runs/preview", "shards": "0", "per_shard": "1000"}  # this script's own flags
     for arg in list(argv):
-        if arg.startswith("--out="):
-            out = arg.split("=", 1)[1]
+        key, _, value = arg[2:].partition("=")
+        if arg.startswith("--") and key in opts:
+            opts[key] = value
             argv.remove(arg)
+    out = opts["out"]
     cfg = parse_config(argv)
     os.makedirs(out, exist_ok=True)
+    if int(opts["shards"]):  # only write the built-in scenes as tar shards
+        pattern = write_shards(data.build_dataset(cfg, "train"), os.path.join(out, "shards"), int(opts["shards"]),
+                               int(opts["per_shard"]))
+        print(f"wrote {opts['shards']} shards of {opts['per_shard']} scenes at {cfg.encoder.image_size} px: "
+              f"--data.dataset=tar --data.path='{pattern}'")
+        return
 
     # 1. what the scenes look like at the training resolution
     dataset = data.build_dataset(cfg, "train")
