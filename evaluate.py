@@ -21,9 +21,9 @@ for comparing runs against each other when they share the judge (`--eval.fd_ckpt
 tokenizer itself, which is a lenient judge of its own reconstructions), but its values are not comparable with
 published FID numbers.
 
-The file reads top to bottom: prompt templates -> the gather helper -> FID Inception-v3 -> Fréchet distance /
-Inception Score -> PSNR / SSIM -> zero-shot -> linear probe / k-NN -> feature extraction -> the subcommands
--> the CLI.
+The file reads top to bottom: prompt templates -> Fréchet distance / Inception Score -> PSNR / SSIM -> zero-shot
+-> linear probe / k-NN -> feature extraction -> the judge -> the subcommands -> the FID Inception-v3 network they
+use -> the CLI.
 """
 
 import copy
@@ -82,202 +82,6 @@ CLIP_TEMPLATES = [
 # ("a small red circle in the centre"); the label is that shape.
 SIMPLE_TEMPLATES = ["a {}", "a {}.", "there is a {}", "a picture of a {}", "a {} shape.", "a drawing of a {}.",
                     "a small {}", "a large {}", "a {} in the centre"]
-
-
-# -----------------------------------------------------------------------------
-# FID Inception-v3. The network of the TensorFlow FID code (inception-2015-12-05) as ported to PyTorch: a
-# torchvision-style Inception-v3 with 1008 classes, no auxiliary head, BatchNorm eps 0.001, and Mixed blocks that
-# differ from torchvision's in their pooling (average pools exclude the zero padding; Mixed_7c pools with max).
-# Parameter names match `pt_inception-2015-12-05-6726825d.pth`.
-
-
-class BasicConv2d(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 0.001, as in the TF graph) -> ReLU. (B, C_in, H, W) -> (B, C_out, H', W')."""
-
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _avg_pool_no_pad(x):
-    """3x3 stride-1 average pool whose border averages ignore the zero padding (TF's 'SAME' average pool)."""
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """Mixed_5b/c/d (35x35): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1. Out: 224 + pool_features channels."""
-
-    def __init__(self, in_ch, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 64, 1)
-        self.branch5x5_1 = BasicConv2d(in_ch, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(in_ch, pool_features, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_avg_pool_no_pad(x))
-        return torch.cat([b1, b5, b3, bp], dim=1)
-
-
-class InceptionB(nn.Module):
-    """Mixed_6a, grid reduction 35 -> 17: stride-2 3x3 | 1x1->3x3->stride-2 3x3 | maxpool. Out: 480 + in_ch."""
-
-    def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_ch, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3(x)
-        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, 3, stride=2)
-        return torch.cat([b3, b3d, bp], dim=1)
-
-
-class InceptionC(nn.Module):
-    """Mixed_6b-e (17x17), factorized 7x7 convolutions with c7 inner channels. Out: 768 channels."""
-
-    def __init__(self, in_ch, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7_1 = BasicConv2d(in_ch, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_ch, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7d = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            b7d = conv(b7d)
-        bp = self.branch_pool(_avg_pool_no_pad(x))
-        return torch.cat([b1, b7, b7d, bp], dim=1)
-
-
-class InceptionD(nn.Module):
-    """Mixed_7a, grid reduction 17 -> 8: 1x1->stride-2 3x3 | 1x1->1x7->7x1->stride-2 3x3 | maxpool. Out: 512+in."""
-
-    def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
-        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = conv(b7)
-        bp = F.max_pool2d(x, 3, stride=2)
-        return torch.cat([b3, b7, bp], dim=1)
-
-
-class InceptionE(nn.Module):
-    """
-    Mixed_7b/c (8x8), with 1x3 / 3x1 splits. Out: 2048 channels. The FID variant pools with an average that
-    ignores the padding in Mixed_7b (`max_pool=False`) and with a 3x3 max pool in Mixed_7c (`max_pool=True`).
-    """
-
-    def __init__(self, in_ch, max_pool):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(in_ch, 320, 1)
-        self.branch3x3_1 = BasicConv2d(in_ch, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
-        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], dim=1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_no_pad(x)
-        bp = self.branch_pool(pooled)
-        return torch.cat([b1, b3, b3d, bp], dim=1)
-
-
-class FIDInceptionV3(nn.Module):
-    """
-    Inception-v3 of the FID code (TF inception-2015-12-05). Input: images in [0, 1], (B, 3, H, W), any size; they
-    are resized to 299x299 (bilinear) and mapped to [-1, 1]. Output: (pool (B, 2048), logits (B, 1008)), where
-    pool is the 2048-d pool3 feature used by FID and logits = pool @ fc.weight^T without the bias, the unbiased
-    logits that the original Inception Score code feeds to its softmax.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)
-
-    def forward(self, images):
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
-        x = 2 * x - 1
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
-        x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, "Mixed_" + name)(x)  # 35x35 -> 17x17 (6a) -> 8x8 (7a); (B, 2048, 8, 8) at the end
-        pool = x.mean(dim=(2, 3))  # (B, 2048)
-        return pool, pool @ self.fc.weight.t()  # (B, 2048), (B, 1008)
-
-
-def load_fid_inception(path, device="cpu"):
-    """
-    Build FIDInceptionV3 and load `pt_inception-2015-12-05-6726825d.pth` (strict: every name and shape must
-    match). BatchNorm `num_batches_tracked` counters, which a converted file may lack, are filled with 0.
-    Returns the network in eval mode.
-    """
-    net = FIDInceptionV3()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = dict(state.get("state_dict", state)) if isinstance(state, dict) else state
-    for name, buf in net.state_dict().items():
-        if name.endswith("num_batches_tracked") and name not in state:
-            state[name] = torch.zeros_like(buf)
-    net.load_state_dict(state, strict=True)
-    return net.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -1017,6 +821,202 @@ def run_gen(E):
         second_row = x[n:2 * n] if len(x) >= 2 * n else None
         results["grid_png"] = save_pair_grid(_side_path(cfg, "samples.png"), x[:n], second_row)
     return results
+
+
+# -----------------------------------------------------------------------------
+# FID Inception-v3. The network of the TensorFlow FID code (inception-2015-12-05) as ported to PyTorch: a
+# torchvision-style Inception-v3 with 1008 classes, no auxiliary head, BatchNorm eps 0.001, and Mixed blocks that
+# differ from torchvision's in their pooling (average pools exclude the zero padding; Mixed_7c pools with max).
+# Parameter names match `pt_inception-2015-12-05-6726825d.pth`.
+
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 0.001, as in the TF graph) -> ReLU. (B, C_in, H, W) -> (B, C_out, H', W')."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_no_pad(x):
+    """3x3 stride-1 average pool whose border averages ignore the zero padding (TF's 'SAME' average pool)."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b/c/d (35x35): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1. Out: 224 + pool_features channels."""
+
+    def __init__(self, in_ch, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_ch, 64, 1)
+        self.branch5x5_1 = BasicConv2d(in_ch, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(in_ch, pool_features, 1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_avg_pool_no_pad(x))
+        return torch.cat([b1, b5, b3, bp], dim=1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a, grid reduction 35 -> 17: stride-2 3x3 | 1x1->3x3->stride-2 3x3 | maxpool. Out: 480 + in_ch."""
+
+    def __init__(self, in_ch):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_ch, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3(x)
+        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = F.max_pool2d(x, 3, stride=2)
+        return torch.cat([b3, b3d, bp], dim=1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b-e (17x17), factorized 7x7 convolutions with c7 inner channels. Out: 768 channels."""
+
+    def __init__(self, in_ch, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_ch, 192, 1)
+        self.branch7x7_1 = BasicConv2d(in_ch, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_ch, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_ch, 192, 1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7d = conv(b7d)
+        bp = self.branch_pool(_avg_pool_no_pad(x))
+        return torch.cat([b1, b7, b7d, bp], dim=1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a, grid reduction 17 -> 8: 1x1->stride-2 3x3 | 1x1->1x7->7x1->stride-2 3x3 | maxpool. Out: 512+in."""
+
+    def __init__(self, in_ch):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_ch, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_1(x)
+        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b7 = conv(b7)
+        bp = F.max_pool2d(x, 3, stride=2)
+        return torch.cat([b3, b7, bp], dim=1)
+
+
+class InceptionE(nn.Module):
+    """
+    Mixed_7b/c (8x8), with 1x3 / 3x1 splits. Out: 2048 channels. The FID variant pools with an average that
+    ignores the padding in Mixed_7b (`max_pool=False`) and with a 3x3 max pool in Mixed_7c (`max_pool=True`).
+    """
+
+    def __init__(self, in_ch, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(in_ch, 320, 1)
+        self.branch3x3_1 = BasicConv2d(in_ch, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_ch, 192, 1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], dim=1)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_no_pad(x)
+        bp = self.branch_pool(pooled)
+        return torch.cat([b1, b3, b3d, bp], dim=1)
+
+
+class FIDInceptionV3(nn.Module):
+    """
+    Inception-v3 of the FID code (TF inception-2015-12-05). Input: images in [0, 1], (B, 3, H, W), any size; they
+    are resized to 299x299 (bilinear) and mapped to [-1, 1]. Output: (pool (B, 2048), logits (B, 1008)), where
+    pool is the 2048-d pool3 feature used by FID and logits = pool @ fc.weight^T without the bias, the unbiased
+    logits that the original Inception Score code feeds to its softmax.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, images):
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, "Mixed_" + name)(x)  # 35x35 -> 17x17 (6a) -> 8x8 (7a); (B, 2048, 8, 8) at the end
+        pool = x.mean(dim=(2, 3))  # (B, 2048)
+        return pool, pool @ self.fc.weight.t()  # (B, 2048), (B, 1008)
+
+
+def load_fid_inception(path, device="cpu"):
+    """
+    Build FIDInceptionV3 and load `pt_inception-2015-12-05-6726825d.pth` (strict: every name and shape must
+    match). BatchNorm `num_batches_tracked` counters, which a converted file may lack, are filled with 0.
+    Returns the network in eval mode.
+    """
+    net = FIDInceptionV3()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = dict(state.get("state_dict", state)) if isinstance(state, dict) else state
+    for name, buf in net.state_dict().items():
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = torch.zeros_like(buf)
+    net.load_state_dict(state, strict=True)
+    return net.to(device).eval()
 
 
 # -----------------------------------------------------------------------------

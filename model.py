@@ -1,19 +1,20 @@
 """
-VTP tokenizer: the shared config tree and every network of the tokenizer.
+VTP tokenizer: every network of the tokenizer, the shared config tree, and the runtime every stage uses.
 
 "Towards Scalable Pre-training of Visual Tokenizers for Generation" (VTP, arXiv 2512.13687). "Method §N" refers to the
 README's Method section.
 A ViT encoder trained with CLIP + self-supervised (DINOv2-style) + reconstruction losses, a 64-channel
-bottleneck at stride 16, and a ViT pixel decoder. This file holds:
+bottleneck at stride 16, and a ViT pixel decoder. This file holds, in this order:
 
-  1. the one dataclass config that every stage shares, its presets and the typed `--key=value` parser;
-  2. the runtime layer every stage uses: distributed setup and collectives (no-ops in one process), mixed
-     precision (`amp_setup`), per-step generators, the log writer and non-finite check (`Tracker`, `log_step`),
-     atomic checkpoints and the one checkpoint resolver (`resolve_checkpoint`);
-  3. the networks: encoder (`VisionTransformer`), `PixelDecoder`, `TextTransformer`, `DINOHead`, and the
+  1. the networks: encoder (`VisionTransformer`), `PixelDecoder`, `TextTransformer`, `DINOHead`, and the
      `VTP` module whose tensor names match the released checkpoints;
-  4. `load_official_vtp` (with a from-scratch safetensors reader) and `load_vtp` for our own checkpoints.
+  2. the one dataclass config that every stage shares, its presets and the typed `--key=value` parser;
+  3. plumbing: the runtime layer every stage uses (distributed setup and collectives, no-ops in one process; mixed
+     precision, `amp_setup`; per-step generators; the log writer and non-finite check, `Tracker`; atomic
+     checkpoints and the one checkpoint loader, `load_checkpoint`), then checkpoint I/O: `load_official_vtp` (with
+     a from-scratch safetensors reader), the export to the released format, and `load_vtp` for our checkpoints.
 """
+
 
 import contextlib
 import dataclasses
@@ -33,6 +34,525 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Building blocks (Method §2-3)
+
+
+def swiglu_hidden(width, mlp_hidden=0):
+    """SwiGLU hidden size: int(4*D*2/3) rounded up to a multiple of 8 (1024 / 2048 / 2736 for S / B / L)."""
+    if mlp_hidden:
+        return mlp_hidden
+    h = int(4 * width * 2 / 3)
+    return (h + 7) // 8 * 8
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, weight only (no bias), eps 1e-5 (Method §2)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight.type_as(x)  # in x's dtype: under autocast no fp32 copy of the tokens
+
+
+class RopeEmbedding(nn.Module):
+    """
+    2D axial RoPE of DINOv3 as released (Method §2). head_dim/4 periods `base^(2i/(head_dim/2))`; patch centres
+    `(k + 0.5)/H`, `(k + 0.5)/W` mapped to [-1, 1]; angles `2π·coord/period` for y then x (head_dim/2 values), tiled
+    twice to head_dim. Everything runs in `dtype` (bf16 in the released models, whose `periods` buffer is bf16).
+    forward(H, W) -> (sin, cos), each (H*W, head_dim).
+    """
+
+    def __init__(self, head_dim, base=100.0, dtype="bf16"):
+        super().__init__()
+        assert head_dim % 4 == 0, "RoPE needs head_dim divisible by 4"
+        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        i = torch.arange(head_dim // 4, dtype=self.dtype)
+        self.register_buffer("periods", base ** (2 * i / (head_dim // 2)), persistent=True)
+
+    def forward(self, H, W):
+        dd = dict(device=self.periods.device, dtype=self.dtype)
+        periods = self.periods.to(self.dtype)  # a loaded fp32 buffer still computes in the chosen dtype
+        coords_h = torch.arange(0.5, H, **dd) / H  # (H,)
+        coords_w = torch.arange(0.5, W, **dd) / W  # (W,)
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)  # (HW, 2)
+        coords = 2.0 * coords - 1.0
+        angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # (HW, 2, hd/4)
+        angles = angles.flatten(1, 2).tile(2)  # (HW, hd)
+        return torch.sin(angles), torch.cos(angles)
+
+
+def rotate_half(x):
+    """[a, b] -> [-b, a] over the last dim."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x, rope):
+    """Rotate the last N' tokens of x (B, h, N, hd) by rope = (sin, cos) of shape (N', hd); prefix tokens ([CLS])
+    are left as they are. The rotation runs in the rope dtype (bf16 as released), then casts back."""
+    sin, cos = rope
+    n_prefix = x.shape[-2] - sin.shape[-2]
+    dtype = x.dtype
+    prefix, xr = x[..., :n_prefix, :], x[..., n_prefix:, :].to(sin.dtype)
+    xr = xr * cos + rotate_half(xr) * sin
+    return torch.cat([prefix, xr.to(dtype)], dim=-2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused qkv Linear (bias), optional QK-norm, RoPE, SDPA, output Linear (bias)."""
+
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        hd = dim // num_heads
+        self.q_norm = RMSNorm(hd) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd) if qk_norm else nn.Identity()
+
+    def forward(self, x, rope=None):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, h, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, hd)
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm comes before RoPE
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax scale head_dim^-0.5
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.proj(x)
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(w1 x) * w2 x), all with bias (Method §2)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def drop_path_scales(n_blocks, batch, p, training, generator=None, device=None):
+    """
+    Sample-level stochastic depth for a whole forward (Method §2): (n_blocks, 2, B, 1, 1) scales, one per residual
+    branch (attention, MLP) of each block and sample: 0 (the branch is dropped) with probability p, else 1/(1-p).
+    None when p is 0 or not training. All draws happen here, before the blocks, from `generator` (training passes
+    one seeded by (seed, rank, step), see `step_generator`): a compiled block never meets a generator (no graph
+    break) and a checkpointed block recomputes with the same draws.
+    """
+    if p == 0.0 or not training:
+        return None
+    keep = torch.rand(n_blocks, 2, batch, 1, 1, device=device, generator=generator) >= p
+    return keep.float() / (1.0 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + Attn(norm1(x)), then x + SwiGLU(norm2(x)). RMSNorm in the encoder (no LayerScale),
+    LayerNorm (eps 1e-6) in the pixel decoder. `scale` (2, B, 1, 1): the stochastic-depth scales of the two
+    branches (`drop_path_scales`), or None."""
+
+    def __init__(self, dim, num_heads, mlp_hidden, norm="rmsnorm", qk_norm=False):
+        super().__init__()
+        make_norm = (lambda: RMSNorm(dim)) if norm == "rmsnorm" else (lambda: nn.LayerNorm(dim, eps=1e-6))
+        self.norm1 = make_norm()
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = make_norm()
+        self.mlp = SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x, rope=None, scale=None):
+        if scale is None:
+            x = x + self.attn(self.norm1(x), rope)
+            return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), rope) * scale[0]
+        return x + self.mlp(self.norm2(x)) * scale[1]
+
+
+def run_blocks(blocks, x, *args, scales=None, checkpoint=False, each=None):
+    """
+    x through `blocks` in order, each called as blk(x, *args[, scales[i]]). checkpoint: activation checkpointing
+    (`train.grad_checkpoint`): each block keeps only its input for the backward and recomputes the rest there, so
+    the gradients are those without it at one more forward of compute. each(i, x): called after block i.
+    """
+    for i, blk in enumerate(blocks):
+        extra = (scales[i],) if scales is not None else ()
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, *args, *extra, use_reentrant=False,
+                                                  preserve_rng_state=False)  # nothing in a block draws
+        else:
+            x = blk(x, *args, *extra)
+        if each is not None:
+            each(i, x)
+    return x
+
+
+def set_grad_checkpointing(module, on=True):
+    """Turn activation checkpointing of every block stack in `module` (encoder, pixel decoder, text tower) on/off."""
+    for m in module.modules():
+        if hasattr(m, "grad_checkpoint"):
+            m.grad_checkpoint = on
+    return module
+
+
+def compile_blocks(module, backend="inductor"):
+    """
+    Regional compilation (`run.compile`): every transformer block of `module` compiled in place (nn.Module.compile,
+    so state-dict keys keep their names), instead of one graph of the whole step. Blocks of one kind share their
+    code, so each distinct input shape compiles once and every block reuses it; the rest of the step (crops, heads,
+    losses) runs eagerly. Returns `module`.
+    """
+    # one graph per (input shape, grad mode, stochastic depth on/off) of a block: S/B/L meet about 10 (three student
+    # passes, teacher, decoder, previews), more than dynamo's default limit of 8 graphs per function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for m in module.modules():
+        if isinstance(m, (Block, TextBlock)):
+            m.compile(backend=backend, dynamic=False)  # static shapes: every shape is known after the first step
+    return module
+
+
+def init_vit_weights(module):
+    """Linear: trunc-normal std 0.02, bias 0 (Method §2)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# -----------------------------------------------------------------------------
+# Encoder (Method §2)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(3 -> D, kernel = stride = patch): (B, 3, H, W) -> (B, H/p * W/p, D) and the grid (H/p, W/p)."""
+
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        bound = math.sqrt(1.0 / (3 * patch_size * patch_size))
+        nn.init.uniform_(self.proj.weight, -bound, bound)
+        nn.init.uniform_(self.proj.bias, -bound, bound)
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2), x.shape[-2:]  # (B, h*w, D)
+
+
+class VisionTransformer(nn.Module):
+    """
+    The VTP encoder ("trunk" in the released checkpoints): patch embedding, [CLS], RMSNorm pre-norm blocks with 2D
+    RoPE on patch tokens, final RMSNorm, and a bias-free bottleneck Linear(D -> latent_dim) on the normed patches.
+    `forward_features` takes one image batch or a list of crop batches of different sizes (DINOv2 multi-crop),
+    each with an optional iBOT mask (B, N) bool whose True patches are replaced by `mask_token`.
+    """
+
+    def __init__(self, cfg: "EncoderConfig"):
+        super().__init__()
+        D = cfg.width
+        self.patch_size = cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        self.rope_embed = RopeEmbedding(D // cfg.num_heads, cfg.rope_base, cfg.rope_dtype)
+        hidden = swiglu_hidden(D, cfg.mlp_hidden)
+        self.blocks = nn.ModuleList([Block(D, cfg.num_heads, hidden, "rmsnorm", cfg.qk_norm) for _ in range(cfg.depth)])
+        self.norm = RMSNorm(D)
+        self.feature_bottleneck = nn.Linear(D, cfg.latent_dim, bias=False)
+        self.grad_checkpoint = False  # set_grad_checkpointing
+        self.apply(init_vit_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def prepare_tokens(self, x, masks=None):
+        """(B, 3, H, W) -> tokens (B, 1 + N, D) with masked patches replaced, and the patch grid (h, w)."""
+        x, grid = self.patch_embed(x)  # (B, N, D)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([cls, x], dim=1), grid
+
+    def forward_features(self, x, masks=None, drop_path_rate=0.0, n_last=0, generator=None):
+        """
+        x: (B, 3, H, W) or a list of such batches (sizes may differ); masks: None, (B, N) bool, or a list aligned
+        with x. Returns a dict {"cls": (B, D), "patches": (B, N, D), "grid": (h, w)} of final-normed tokens (a list
+        of dicts for a list input). With n_last > 0 the dict also has "layers": the final-normed tokens after each
+        of the last n_last blocks, as (B, 1 + N, D) tensors. Stochastic depth draws from `generator` (drop_path).
+        """
+        if isinstance(x, (list, tuple)):
+            masks = masks if masks is not None else [None] * len(x)
+            return [self.forward_features(xi, mi, drop_path_rate, n_last, generator) for xi, mi in zip(x, masks)]
+        x, (h, w) = self.prepare_tokens(x, masks)
+        rope = self.rope_embed(h, w)
+        scales = drop_path_scales(len(self.blocks), x.shape[0], drop_path_rate, self.training, generator, x.device)
+        layers = []
+
+        def keep_last(i, tokens):
+            if i >= len(self.blocks) - n_last:
+                layers.append(self.norm(tokens))
+
+        x = run_blocks(self.blocks, x, rope, scales=scales, checkpoint=self.grad_checkpoint, each=keep_last)
+        x = self.norm(x)  # (B, 1 + N, D)
+        out = {"cls": x[:, 0], "patches": x[:, 1:], "grid": (h, w)}
+        if n_last:
+            out["layers"] = layers
+        return out
+
+    def latents(self, patches, grid):
+        """Normed patch tokens (B, N, D) -> latent map (B, latent_dim, h, w) through the bottleneck."""
+        z = self.feature_bottleneck(patches)  # (B, N, C)
+        return z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *grid)  # (B, C, h, w)
+
+
+# -----------------------------------------------------------------------------
+# Pixel decoder (Method §3)
+
+
+class PixelDecoder(nn.Module):
+    """
+    1x1 Conv(latent -> D) -> tokens (no [CLS]) -> 2D RoPE ViT blocks with LayerNorm -> final LayerNorm ->
+    1x1 Conv(D -> 3*p*p) -> PixelShuffle(p). (B, C, h, w) -> (B, 3, h*p, w*p) in the normalized input space.
+    """
+
+    def __init__(self, cfg: "DecoderConfig", latent_dim, patch_size, rope_dtype="bf16", rope_base=100.0):
+        super().__init__()
+        D = cfg.width
+        self.proj_in = nn.Conv2d(latent_dim, D, kernel_size=1)
+        self.rope_embed = RopeEmbedding(D // cfg.num_heads, rope_base, rope_dtype)
+        hidden = swiglu_hidden(D, cfg.mlp_hidden)
+        self.blocks = nn.ModuleList([Block(D, cfg.num_heads, hidden, "layernorm") for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.proj_out = nn.Conv2d(D, 3 * patch_size * patch_size, kernel_size=1)
+        self.pixel_shuffle = nn.PixelShuffle(patch_size)
+        self.grad_checkpoint = False  # set_grad_checkpointing
+        self.apply(init_vit_weights)
+
+    def forward(self, z, drop_path_rate=0.0, generator=None):
+        B, _, h, w = z.shape
+        x = linear_1x1(self.proj_in, z.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        rope = self.rope_embed(h, w)
+        scales = drop_path_scales(len(self.blocks), B, drop_path_rate, self.training, generator, x.device)
+        x = run_blocks(self.blocks, x, rope, scales=scales, checkpoint=self.grad_checkpoint)
+        x = linear_1x1(self.proj_out, self.norm(x))  # (B, h*w, 3*p*p)
+        return self.pixel_shuffle(x.transpose(1, 2).reshape(B, -1, h, w))  # (B, 3, h*p, w*p)
+
+
+def linear_1x1(conv, tokens):
+    """A 1x1 conv (weights as released) applied as the Linear over channels it is: tokens (B, N, C_in) ->
+    (B, N, C_out). On a (B, C, h, w) view of tokens (channels-last memory) the conv itself returns, from about
+    16 images on, a channels-last weight gradient, which DDP warns about ("grad strides do not match bucket view
+    strides") and copies every step; the Linear's gradient has the parameter's layout."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
+# -----------------------------------------------------------------------------
+# Text encoder (Method §4): CLIP's causal pre-LN transformer, tensor names as in OpenCLIP / the released models.
+
+
+class TextAttention(nn.Module):
+    """Causal multi-head attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class TextBlock(nn.Module):
+    """x + attn(ln_1(x)); x + mlp(ln_2(x)) with a GELU MLP (c_fc, c_proj)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = TextAttention(dim, num_heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(dim, hidden))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    """The stack of text blocks (`text_transformer.resblocks.N` in the released checkpoints)."""
+
+    def __init__(self, cfg: "TextConfig"):
+        super().__init__()
+        self.resblocks = nn.ModuleList([TextBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.grad_checkpoint = False  # set_grad_checkpointing
+
+    def forward(self, x):
+        return run_blocks(self.resblocks, x, checkpoint=self.grad_checkpoint)
+
+
+# -----------------------------------------------------------------------------
+# DINO head (Method §5) and the teacher's EMA
+
+
+class DINOHead(nn.Module):
+    """
+    MLP (D -> hidden -> hidden -> bottleneck, GELU) -> L2-normalize -> weight-normalized Linear(bottleneck -> K,
+    no bias) whose weight norm is fixed to 1 (the direction is learned, the magnitude is not). (B, D) -> (B, K).
+    """
+
+    def __init__(self, in_dim, cfg: "HeadConfig"):
+        super().__init__()
+        layers, dim = [], in_dim
+        for _ in range(cfg.nlayers - 1):
+            layers += [nn.Linear(dim, cfg.hidden_dim), nn.GELU()]
+            dim = cfg.hidden_dim
+        layers.append(nn.Linear(dim, cfg.bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.apply(init_vit_weights)
+        self.last_layer = nn.Linear(cfg.bottleneck_dim, cfg.num_prototypes, bias=False)
+        nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (B, bottleneck)
+        w = F.normalize(self.last_layer.weight, dim=-1)  # (K, bottleneck), each prototype at norm 1
+        with torch.autocast(x.device.type, enabled=False):  # fp32: bf16 steps a cosine near 1 by 0.004, 0.1 at τ 0.04
+            return F.linear(x.float(), w.float())  # (B, K)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter, in fp32."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    assert len(t_params) == len(s_params), "teacher and student must have the same parameters"
+    torch._foreach_lerp_(t_params, [p.detach().float() for p in s_params], 1.0 - momentum)  # one fused pass
+
+
+# -----------------------------------------------------------------------------
+# The VTP module: the public API used by every later stage.
+
+
+class VTP(nn.Module):
+    """
+    The VTP tokenizer (Method §2-4). Attribute names follow the released checkpoints, so `state_dict()` keys are
+    those of `model.safetensors` (trunk.*, visual_proj, pixel_decoder.*, token_embedding, positional_embedding,
+    text_transformer.*, ln_final, text_projection, logit_scale). Images are ImageNet-normalized (B, 3, H, W);
+    `decode` returns images in that same space.
+
+        encode(images)                      -> latents (B, latent_dim, H/p, W/p)
+        decode(latents)                     -> images (B, 3, H, W)
+        forward(images)                     -> reconstructions (B, 3, H, W)
+        image_features(images, normalize)   -> (B, embed_dim)  CLIP image embedding of the normed [CLS]
+        text_features(tokens, normalize)    -> (B, embed_dim)  CLIP text embedding at the end-of-text token
+        features(images)                    -> {"cls": (B, D), "patches": (B, N, D)}  final-normed tokens
+        intermediate_layers(images, n)      -> n dicts like features(), for the last n blocks (last block last)
+    """
+
+    def __init__(self, cfg: "Config"):
+        super().__init__()
+        e, t = cfg.encoder, cfg.text
+        self.patch_size, self.latent_dim = e.patch_size, e.latent_dim
+        self.latent_features = e.latent_features
+        self.trunk = VisionTransformer(e)
+        feat_dim = e.latent_dim if e.latent_features else e.width
+        self.visual_proj = nn.Linear(feat_dim, t.embed_dim, bias=False)
+        self.pixel_decoder = PixelDecoder(cfg.decoder, e.latent_dim, e.patch_size, e.rope_dtype, e.rope_base)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.text_transformer = TextTransformer(t)
+        self.ln_final = nn.LayerNorm(t.width)
+        self.text_projection = nn.Parameter(torch.empty(t.width, t.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.loss.logit_scale_init))
+        self._init_text(t)
+        nn.init.trunc_normal_(self.visual_proj.weight, std=0.02)
+
+    def _init_text(self, t):
+        """CLIP's text-tower init: embeddings std 0.02 / 0.01, attention and MLP scaled by width and depth."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = t.width ** -0.5 * (2 * t.depth) ** -0.5
+        for blk in self.text_transformer.resblocks:
+            nn.init.normal_(blk.attn.in_proj_weight, std=t.width ** -0.5)
+            nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(blk.attn.out_proj.bias)
+            nn.init.normal_(blk.mlp.c_fc.weight, std=(2 * t.width) ** -0.5)
+            nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=t.width ** -0.5)
+
+    # --- image side ---
+    def encode(self, images, drop_path_rate=0.0, generator=None):
+        """(B, 3, H, W) -> latents (B, latent_dim, H/p, W/p): encoder -> final norm -> bottleneck."""
+        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate, generator=generator)
+        return self.trunk.latents(f["patches"], f["grid"])
+
+    def decode(self, latents, drop_path_rate=0.0, generator=None):
+        """(B, latent_dim, h, w) -> images (B, 3, h*p, w*p) in the normalized input space."""
+        return self.pixel_decoder(latents, drop_path_rate, generator)
+
+    def forward(self, images):
+        """Reconstruct: decode(encode(images))."""
+        return self.decode(self.encode(images))
+
+    def semantic_tokens(self, f):
+        """The tokens CLIP and SSL read: full-width normed tokens (as released), or the latent (ablation)."""
+        if not self.latent_features:
+            return f["cls"], f["patches"]
+        bottleneck = self.trunk.feature_bottleneck
+        return bottleneck(f["cls"]), bottleneck(f["patches"])
+
+    def image_features(self, images, normalize=True, drop_path_rate=0.0, generator=None):
+        """CLIP image embedding: visual_proj on the normed [CLS]. (B, 3, H, W) -> (B, embed_dim)."""
+        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate, generator=generator)
+        cls, _ = self.semantic_tokens(f)
+        x = self.visual_proj(cls)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_features(self, tokens, normalize=True):
+        """CLIP text embedding: (B, context_length) ids -> (B, embed_dim), pooled at the end-of-text token, which
+        is the largest id in each row (argmax pooling as in CLIP)."""
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, L, W)
+        x = self.ln_final(self.text_transformer(x))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
+        x = x @ self.text_projection  # (B, embed_dim)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def features(self, images):
+        """Final-normed full-width tokens: {"cls": (B, D), "patches": (B, N, D)}."""
+        f = self.trunk.forward_features(images)
+        return {"cls": f["cls"], "patches": f["patches"]}
+
+    def intermediate_layers(self, images, n=1):
+        """Final-normed tokens after each of the last n blocks, as a list of {"cls", "patches"} (last block last)."""
+        f = self.trunk.forward_features(images, n_last=n)
+        return [{"cls": x[:, 0], "patches": x[:, 1:]} for x in f["layers"]]
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(model: VTP):
+    """Parameter counts of the parts of a VTP, as the paper reports them."""
+    text = [model.token_embedding, model.text_transformer, model.ln_final]
+    n_text = sum(count_parameters(m) for m in text) + model.positional_embedding.numel()
+    n_text += model.text_projection.numel()
+    return {"encoder": count_parameters(model.trunk), "decoder": count_parameters(model.pixel_decoder),
+            "text": n_text, "visual_proj": count_parameters(model.visual_proj), "total": count_parameters(model)}
+
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass tree shared by all stages. Defaults are the CPU `tiny` preset. Each section belongs to one
@@ -586,6 +1106,10 @@ def config_summary(cfg, where="config.json"):
     return "\n".join([f"{head} (full config in {where})"] + changed)
 
 
+# =============================================================================
+# Plumbing: the runtime layer every stage shares, then checkpoint I/O (released checkpoints, export, our own).
+# =============================================================================
+
 # -----------------------------------------------------------------------------
 # The runtime layer of every stage: distributed setup and the collectives (no-ops in one process), mixed precision,
 # per-step generators, rank-0 printing, atomic checkpoints.
@@ -907,524 +1431,6 @@ def resolve_checkpoint(path, missing=None):
 def adamw(params, device, **kwargs):
     """torch.optim.AdamW, with the fused CUDA kernel (one launch for all parameters) on CUDA devices."""
     return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
-
-
-# -----------------------------------------------------------------------------
-# Building blocks (Method §2-3)
-
-
-def swiglu_hidden(width, mlp_hidden=0):
-    """SwiGLU hidden size: int(4*D*2/3) rounded up to a multiple of 8 (1024 / 2048 / 2736 for S / B / L)."""
-    if mlp_hidden:
-        return mlp_hidden
-    h = int(4 * width * 2 / 3)
-    return (h + 7) // 8 * 8
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, weight only (no bias), eps 1e-5 (Method §2)."""
-
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight.type_as(x)  # in x's dtype: under autocast no fp32 copy of the tokens
-
-
-class RopeEmbedding(nn.Module):
-    """
-    2D axial RoPE of DINOv3 as released (Method §2). head_dim/4 periods `base^(2i/(head_dim/2))`; patch centres
-    `(k + 0.5)/H`, `(k + 0.5)/W` mapped to [-1, 1]; angles `2π·coord/period` for y then x (head_dim/2 values), tiled
-    twice to head_dim. Everything runs in `dtype` (bf16 in the released models, whose `periods` buffer is bf16).
-    forward(H, W) -> (sin, cos), each (H*W, head_dim).
-    """
-
-    def __init__(self, head_dim, base=100.0, dtype="bf16"):
-        super().__init__()
-        assert head_dim % 4 == 0, "RoPE needs head_dim divisible by 4"
-        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        i = torch.arange(head_dim // 4, dtype=self.dtype)
-        self.register_buffer("periods", base ** (2 * i / (head_dim // 2)), persistent=True)
-
-    def forward(self, H, W):
-        dd = dict(device=self.periods.device, dtype=self.dtype)
-        periods = self.periods.to(self.dtype)  # a loaded fp32 buffer still computes in the chosen dtype
-        coords_h = torch.arange(0.5, H, **dd) / H  # (H,)
-        coords_w = torch.arange(0.5, W, **dd) / W  # (W,)
-        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)  # (HW, 2)
-        coords = 2.0 * coords - 1.0
-        angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # (HW, 2, hd/4)
-        angles = angles.flatten(1, 2).tile(2)  # (HW, hd)
-        return torch.sin(angles), torch.cos(angles)
-
-
-def rotate_half(x):
-    """[a, b] -> [-b, a] over the last dim."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
-def apply_rope(x, rope):
-    """Rotate the last N' tokens of x (B, h, N, hd) by rope = (sin, cos) of shape (N', hd); prefix tokens ([CLS])
-    are left as they are. The rotation runs in the rope dtype (bf16 as released), then casts back."""
-    sin, cos = rope
-    n_prefix = x.shape[-2] - sin.shape[-2]
-    dtype = x.dtype
-    prefix, xr = x[..., :n_prefix, :], x[..., n_prefix:, :].to(sin.dtype)
-    xr = xr * cos + rotate_half(xr) * sin
-    return torch.cat([prefix, xr.to(dtype)], dim=-2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: fused qkv Linear (bias), optional QK-norm, RoPE, SDPA, output Linear (bias)."""
-
-    def __init__(self, dim, num_heads, qk_norm=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        hd = dim // num_heads
-        self.q_norm = RMSNorm(hd) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(hd) if qk_norm else nn.Identity()
-
-    def forward(self, x, rope=None):
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, h, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, hd)
-        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm comes before RoPE
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax scale head_dim^-0.5
-        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        return self.proj(x)
-
-
-class SwiGLU(nn.Module):
-    """w3(silu(w1 x) * w2 x), all with bias (Method §2)."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-def drop_path_scales(n_blocks, batch, p, training, generator=None, device=None):
-    """
-    Sample-level stochastic depth for a whole forward (Method §2): (n_blocks, 2, B, 1, 1) scales, one per residual
-    branch (attention, MLP) of each block and sample: 0 (the branch is dropped) with probability p, else 1/(1-p).
-    None when p is 0 or not training. All draws happen here, before the blocks, from `generator` (training passes
-    one seeded by (seed, rank, step), see `step_generator`): a compiled block never meets a generator (no graph
-    break) and a checkpointed block recomputes with the same draws.
-    """
-    if p == 0.0 or not training:
-        return None
-    keep = torch.rand(n_blocks, 2, batch, 1, 1, device=device, generator=generator) >= p
-    return keep.float() / (1.0 - p)
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block: x + Attn(norm1(x)), then x + SwiGLU(norm2(x)). RMSNorm in the encoder (no LayerScale),
-    LayerNorm (eps 1e-6) in the pixel decoder. `scale` (2, B, 1, 1): the stochastic-depth scales of the two
-    branches (`drop_path_scales`), or None."""
-
-    def __init__(self, dim, num_heads, mlp_hidden, norm="rmsnorm", qk_norm=False):
-        super().__init__()
-        make_norm = (lambda: RMSNorm(dim)) if norm == "rmsnorm" else (lambda: nn.LayerNorm(dim, eps=1e-6))
-        self.norm1 = make_norm()
-        self.attn = Attention(dim, num_heads, qk_norm)
-        self.norm2 = make_norm()
-        self.mlp = SwiGLU(dim, mlp_hidden)
-
-    def forward(self, x, rope=None, scale=None):
-        if scale is None:
-            x = x + self.attn(self.norm1(x), rope)
-            return x + self.mlp(self.norm2(x))
-        x = x + self.attn(self.norm1(x), rope) * scale[0]
-        return x + self.mlp(self.norm2(x)) * scale[1]
-
-
-def run_blocks(blocks, x, *args, scales=None, checkpoint=False, each=None):
-    """
-    x through `blocks` in order, each called as blk(x, *args[, scales[i]]). checkpoint: activation checkpointing
-    (`train.grad_checkpoint`): each block keeps only its input for the backward and recomputes the rest there, so
-    the gradients are those without it at one more forward of compute. each(i, x): called after block i.
-    """
-    for i, blk in enumerate(blocks):
-        extra = (scales[i],) if scales is not None else ()
-        if checkpoint and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(blk, x, *args, *extra, use_reentrant=False,
-                                                  preserve_rng_state=False)  # nothing in a block draws
-        else:
-            x = blk(x, *args, *extra)
-        if each is not None:
-            each(i, x)
-    return x
-
-
-def set_grad_checkpointing(module, on=True):
-    """Turn activation checkpointing of every block stack in `module` (encoder, pixel decoder, text tower) on/off."""
-    for m in module.modules():
-        if hasattr(m, "grad_checkpoint"):
-            m.grad_checkpoint = on
-    return module
-
-
-def compile_blocks(module, backend="inductor"):
-    """
-    Regional compilation (`run.compile`): every transformer block of `module` compiled in place (nn.Module.compile,
-    so state-dict keys keep their names), instead of one graph of the whole step. Blocks of one kind share their
-    code, so each distinct input shape compiles once and every block reuses it; the rest of the step (crops, heads,
-    losses) runs eagerly. Returns `module`.
-    """
-    # one graph per (input shape, grad mode, stochastic depth on/off) of a block: S/B/L meet about 10 (three student
-    # passes, teacher, decoder, previews), more than dynamo's default limit of 8 graphs per function
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    for m in module.modules():
-        if isinstance(m, (Block, TextBlock)):
-            m.compile(backend=backend, dynamic=False)  # static shapes: every shape is known after the first step
-    return module
-
-
-def init_vit_weights(module):
-    """Linear: trunc-normal std 0.02, bias 0 (Method §2)."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-# -----------------------------------------------------------------------------
-# Encoder (Method §2)
-
-
-class PatchEmbed(nn.Module):
-    """Conv2d(3 -> D, kernel = stride = patch): (B, 3, H, W) -> (B, H/p * W/p, D) and the grid (H/p, W/p)."""
-
-    def __init__(self, patch_size, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-        bound = math.sqrt(1.0 / (3 * patch_size * patch_size))
-        nn.init.uniform_(self.proj.weight, -bound, bound)
-        nn.init.uniform_(self.proj.bias, -bound, bound)
-
-    def forward(self, x):
-        x = self.proj(x)  # (B, D, h, w)
-        return x.flatten(2).transpose(1, 2), x.shape[-2:]  # (B, h*w, D)
-
-
-class VisionTransformer(nn.Module):
-    """
-    The VTP encoder ("trunk" in the released checkpoints): patch embedding, [CLS], RMSNorm pre-norm blocks with 2D
-    RoPE on patch tokens, final RMSNorm, and a bias-free bottleneck Linear(D -> latent_dim) on the normed patches.
-    `forward_features` takes one image batch or a list of crop batches of different sizes (DINOv2 multi-crop),
-    each with an optional iBOT mask (B, N) bool whose True patches are replaced by `mask_token`.
-    """
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        D = cfg.width
-        self.patch_size = cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.patch_size, D)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.mask_token = nn.Parameter(torch.zeros(1, D))
-        self.rope_embed = RopeEmbedding(D // cfg.num_heads, cfg.rope_base, cfg.rope_dtype)
-        hidden = swiglu_hidden(D, cfg.mlp_hidden)
-        self.blocks = nn.ModuleList([Block(D, cfg.num_heads, hidden, "rmsnorm", cfg.qk_norm) for _ in range(cfg.depth)])
-        self.norm = RMSNorm(D)
-        self.feature_bottleneck = nn.Linear(D, cfg.latent_dim, bias=False)
-        self.grad_checkpoint = False  # set_grad_checkpointing
-        self.apply(init_vit_weights)
-        nn.init.normal_(self.cls_token, std=0.02)
-
-    def prepare_tokens(self, x, masks=None):
-        """(B, 3, H, W) -> tokens (B, 1 + N, D) with masked patches replaced, and the patch grid (h, w)."""
-        x, grid = self.patch_embed(x)  # (B, N, D)
-        if masks is not None:
-            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        return torch.cat([cls, x], dim=1), grid
-
-    def forward_features(self, x, masks=None, drop_path_rate=0.0, n_last=0, generator=None):
-        """
-        x: (B, 3, H, W) or a list of such batches (sizes may differ); masks: None, (B, N) bool, or a list aligned
-        with x. Returns a dict {"cls": (B, D), "patches": (B, N, D), "grid": (h, w)} of final-normed tokens (a list
-        of dicts for a list input). With n_last > 0 the dict also has "layers": the final-normed tokens after each
-        of the last n_last blocks, as (B, 1 + N, D) tensors. Stochastic depth draws from `generator` (drop_path).
-        """
-        if isinstance(x, (list, tuple)):
-            masks = masks if masks is not None else [None] * len(x)
-            return [self.forward_features(xi, mi, drop_path_rate, n_last, generator) for xi, mi in zip(x, masks)]
-        x, (h, w) = self.prepare_tokens(x, masks)
-        rope = self.rope_embed(h, w)
-        scales = drop_path_scales(len(self.blocks), x.shape[0], drop_path_rate, self.training, generator, x.device)
-        layers = []
-
-        def keep_last(i, tokens):
-            if i >= len(self.blocks) - n_last:
-                layers.append(self.norm(tokens))
-
-        x = run_blocks(self.blocks, x, rope, scales=scales, checkpoint=self.grad_checkpoint, each=keep_last)
-        x = self.norm(x)  # (B, 1 + N, D)
-        out = {"cls": x[:, 0], "patches": x[:, 1:], "grid": (h, w)}
-        if n_last:
-            out["layers"] = layers
-        return out
-
-    def latents(self, patches, grid):
-        """Normed patch tokens (B, N, D) -> latent map (B, latent_dim, h, w) through the bottleneck."""
-        z = self.feature_bottleneck(patches)  # (B, N, C)
-        return z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *grid)  # (B, C, h, w)
-
-
-# -----------------------------------------------------------------------------
-# Pixel decoder (Method §3)
-
-
-class PixelDecoder(nn.Module):
-    """
-    1x1 Conv(latent -> D) -> tokens (no [CLS]) -> 2D RoPE ViT blocks with LayerNorm -> final LayerNorm ->
-    1x1 Conv(D -> 3*p*p) -> PixelShuffle(p). (B, C, h, w) -> (B, 3, h*p, w*p) in the normalized input space.
-    """
-
-    def __init__(self, cfg: DecoderConfig, latent_dim, patch_size, rope_dtype="bf16", rope_base=100.0):
-        super().__init__()
-        D = cfg.width
-        self.proj_in = nn.Conv2d(latent_dim, D, kernel_size=1)
-        self.rope_embed = RopeEmbedding(D // cfg.num_heads, rope_base, rope_dtype)
-        hidden = swiglu_hidden(D, cfg.mlp_hidden)
-        self.blocks = nn.ModuleList([Block(D, cfg.num_heads, hidden, "layernorm") for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.proj_out = nn.Conv2d(D, 3 * patch_size * patch_size, kernel_size=1)
-        self.pixel_shuffle = nn.PixelShuffle(patch_size)
-        self.grad_checkpoint = False  # set_grad_checkpointing
-        self.apply(init_vit_weights)
-
-    def forward(self, z, drop_path_rate=0.0, generator=None):
-        B, _, h, w = z.shape
-        x = linear_1x1(self.proj_in, z.flatten(2).transpose(1, 2))  # (B, h*w, D)
-        rope = self.rope_embed(h, w)
-        scales = drop_path_scales(len(self.blocks), B, drop_path_rate, self.training, generator, x.device)
-        x = run_blocks(self.blocks, x, rope, scales=scales, checkpoint=self.grad_checkpoint)
-        x = linear_1x1(self.proj_out, self.norm(x))  # (B, h*w, 3*p*p)
-        return self.pixel_shuffle(x.transpose(1, 2).reshape(B, -1, h, w))  # (B, 3, h*p, w*p)
-
-
-def linear_1x1(conv, tokens):
-    """A 1x1 conv (weights as released) applied as the Linear over channels it is: tokens (B, N, C_in) ->
-    (B, N, C_out). On a (B, C, h, w) view of tokens (channels-last memory) the conv itself returns, from about
-    16 images on, a channels-last weight gradient, which DDP warns about ("grad strides do not match bucket view
-    strides") and copies every step; the Linear's gradient has the parameter's layout."""
-    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
-
-
-# -----------------------------------------------------------------------------
-# Text encoder (Method §4): CLIP's causal pre-LN transformer, tensor names as in OpenCLIP / the released models.
-
-
-class TextAttention(nn.Module):
-    """Causal multi-head attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class TextBlock(nn.Module):
-    """x + attn(ln_1(x)); x + mlp(ln_2(x)) with a GELU MLP (c_fc, c_proj)."""
-
-    def __init__(self, dim, num_heads, mlp_ratio):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = TextAttention(dim, num_heads)
-        self.ln_2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(dim, hidden))
-        self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(hidden, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TextTransformer(nn.Module):
-    """The stack of text blocks (`text_transformer.resblocks.N` in the released checkpoints)."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.resblocks = nn.ModuleList([TextBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.grad_checkpoint = False  # set_grad_checkpointing
-
-    def forward(self, x):
-        return run_blocks(self.resblocks, x, checkpoint=self.grad_checkpoint)
-
-
-# -----------------------------------------------------------------------------
-# DINO head (Method §5) and the teacher's EMA
-
-
-class DINOHead(nn.Module):
-    """
-    MLP (D -> hidden -> hidden -> bottleneck, GELU) -> L2-normalize -> weight-normalized Linear(bottleneck -> K,
-    no bias) whose weight norm is fixed to 1 (the direction is learned, the magnitude is not). (B, D) -> (B, K).
-    """
-
-    def __init__(self, in_dim, cfg: HeadConfig):
-        super().__init__()
-        layers, dim = [], in_dim
-        for _ in range(cfg.nlayers - 1):
-            layers += [nn.Linear(dim, cfg.hidden_dim), nn.GELU()]
-            dim = cfg.hidden_dim
-        layers.append(nn.Linear(dim, cfg.bottleneck_dim))
-        self.mlp = nn.Sequential(*layers)
-        self.apply(init_vit_weights)
-        self.last_layer = nn.Linear(cfg.bottleneck_dim, cfg.num_prototypes, bias=False)
-        nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
-
-    def forward(self, x):
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (B, bottleneck)
-        w = F.normalize(self.last_layer.weight, dim=-1)  # (K, bottleneck), each prototype at norm 1
-        with torch.autocast(x.device.type, enabled=False):  # fp32: bf16 steps a cosine near 1 by 0.004, 0.1 at τ 0.04
-            return F.linear(x.float(), w.float())  # (B, K)
-
-
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter, in fp32."""
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    assert len(t_params) == len(s_params), "teacher and student must have the same parameters"
-    torch._foreach_lerp_(t_params, [p.detach().float() for p in s_params], 1.0 - momentum)  # one fused pass
-
-
-# -----------------------------------------------------------------------------
-# The VTP module: the public API used by every later stage.
-
-
-class VTP(nn.Module):
-    """
-    The VTP tokenizer (Method §2-4). Attribute names follow the released checkpoints, so `state_dict()` keys are
-    those of `model.safetensors` (trunk.*, visual_proj, pixel_decoder.*, token_embedding, positional_embedding,
-    text_transformer.*, ln_final, text_projection, logit_scale). Images are ImageNet-normalized (B, 3, H, W);
-    `decode` returns images in that same space.
-
-        encode(images)                      -> latents (B, latent_dim, H/p, W/p)
-        decode(latents)                     -> images (B, 3, H, W)
-        forward(images)                     -> reconstructions (B, 3, H, W)
-        image_features(images, normalize)   -> (B, embed_dim)  CLIP image embedding of the normed [CLS]
-        text_features(tokens, normalize)    -> (B, embed_dim)  CLIP text embedding at the end-of-text token
-        features(images)                    -> {"cls": (B, D), "patches": (B, N, D)}  final-normed tokens
-        intermediate_layers(images, n)      -> n dicts like features(), for the last n blocks (last block last)
-    """
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        e, t = cfg.encoder, cfg.text
-        self.patch_size, self.latent_dim = e.patch_size, e.latent_dim
-        self.latent_features = e.latent_features
-        self.trunk = VisionTransformer(e)
-        feat_dim = e.latent_dim if e.latent_features else e.width
-        self.visual_proj = nn.Linear(feat_dim, t.embed_dim, bias=False)
-        self.pixel_decoder = PixelDecoder(cfg.decoder, e.latent_dim, e.patch_size, e.rope_dtype, e.rope_base)
-        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
-        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
-        self.text_transformer = TextTransformer(t)
-        self.ln_final = nn.LayerNorm(t.width)
-        self.text_projection = nn.Parameter(torch.empty(t.width, t.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.loss.logit_scale_init))
-        self._init_text(t)
-        nn.init.trunc_normal_(self.visual_proj.weight, std=0.02)
-
-    def _init_text(self, t):
-        """CLIP's text-tower init: embeddings std 0.02 / 0.01, attention and MLP scaled by width and depth."""
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std = t.width ** -0.5 * (2 * t.depth) ** -0.5
-        for blk in self.text_transformer.resblocks:
-            nn.init.normal_(blk.attn.in_proj_weight, std=t.width ** -0.5)
-            nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(blk.attn.out_proj.bias)
-            nn.init.normal_(blk.mlp.c_fc.weight, std=(2 * t.width) ** -0.5)
-            nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=t.width ** -0.5)
-
-    # --- image side ---
-    def encode(self, images, drop_path_rate=0.0, generator=None):
-        """(B, 3, H, W) -> latents (B, latent_dim, H/p, W/p): encoder -> final norm -> bottleneck."""
-        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate, generator=generator)
-        return self.trunk.latents(f["patches"], f["grid"])
-
-    def decode(self, latents, drop_path_rate=0.0, generator=None):
-        """(B, latent_dim, h, w) -> images (B, 3, h*p, w*p) in the normalized input space."""
-        return self.pixel_decoder(latents, drop_path_rate, generator)
-
-    def forward(self, images):
-        """Reconstruct: decode(encode(images))."""
-        return self.decode(self.encode(images))
-
-    def semantic_tokens(self, f):
-        """The tokens CLIP and SSL read: full-width normed tokens (as released), or the latent (ablation)."""
-        if not self.latent_features:
-            return f["cls"], f["patches"]
-        bottleneck = self.trunk.feature_bottleneck
-        return bottleneck(f["cls"]), bottleneck(f["patches"])
-
-    def image_features(self, images, normalize=True, drop_path_rate=0.0, generator=None):
-        """CLIP image embedding: visual_proj on the normed [CLS]. (B, 3, H, W) -> (B, embed_dim)."""
-        f = self.trunk.forward_features(images, drop_path_rate=drop_path_rate, generator=generator)
-        cls, _ = self.semantic_tokens(f)
-        x = self.visual_proj(cls)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def text_features(self, tokens, normalize=True):
-        """CLIP text embedding: (B, context_length) ids -> (B, embed_dim), pooled at the end-of-text token, which
-        is the largest id in each row (argmax pooling as in CLIP)."""
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, L, W)
-        x = self.ln_final(self.text_transformer(x))
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
-        x = x @ self.text_projection  # (B, embed_dim)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def features(self, images):
-        """Final-normed full-width tokens: {"cls": (B, D), "patches": (B, N, D)}."""
-        f = self.trunk.forward_features(images)
-        return {"cls": f["cls"], "patches": f["patches"]}
-
-    def intermediate_layers(self, images, n=1):
-        """Final-normed tokens after each of the last n blocks, as a list of {"cls", "patches"} (last block last)."""
-        f = self.trunk.forward_features(images, n_last=n)
-        return [{"cls": x[:, 0], "patches": x[:, 1:]} for x in f["layers"]]
-
-
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def parameter_counts(model: VTP):
-    """Parameter counts of the parts of a VTP, as the paper reports them."""
-    text = [model.token_embedding, model.text_transformer, model.ln_final]
-    n_text = sum(count_parameters(m) for m in text) + model.positional_embedding.numel()
-    n_text += model.text_projection.numel()
-    return {"encoder": count_parameters(model.trunk), "decoder": count_parameters(model.pixel_decoder),
-            "text": n_text, "visual_proj": count_parameters(model.visual_proj), "total": count_parameters(model)}
 
 
 # -----------------------------------------------------------------------------
