@@ -618,10 +618,15 @@ def test_loader_stream_does_not_depend_on_num_workers():
     batches_equal(next(resumed), next(plain))
 
 
+def write_caption_folder(folder, n):
+    """n one-colour PNGs with captions "caption i"."""
+    for i in range(n):
+        write(folder / f"{i}.png", png_bytes((i * 10, 0, 0)))
+        write(folder / f"{i}.txt", f"caption {i}")
+
+
 def test_ddp_ranks_get_disjoint_samples(tmp_path):
-    for i in range(12):
-        write(tmp_path / f"{i}.png", png_bytes((i * 20, 0, 0)))
-        write(tmp_path / f"{i}.txt", f"caption {i}")
+    write_caption_folder(tmp_path, 12)
     cfg = small_cfg(dataset="folder", path=str(tmp_path), batch_size=3, ssl_batch_size=1, rec_batch_size=1)
     tok = data.BPETokenizer(300, 16)
     per_rank = []

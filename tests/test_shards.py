@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 import data
-from test_data import batches_equal, make_shards, png_bytes, small_cfg, write, write_tar
+from test_data import batches_equal, make_shards, png_bytes, small_cfg, write_caption_folder, write_tar
 
 SIZES = (4, 3, 5, 2, 4, 3, 4, 5)  # samples per shard; shard 1 also has a caption-less key, shard 2 a corrupt image
 
@@ -185,9 +185,7 @@ def test_tar_resume_on_more_workers_with_a_shuffle_buffer(tmp_path, capsys):
 
 
 def test_map_style_loader_takes_the_list_of_states_on_any_world_size(tmp_path):
-    for i in range(24):
-        write(tmp_path / f"{i}.png", png_bytes((i * 10, 0, 0)))
-        write(tmp_path / f"{i}.txt", f"caption {i}")
+    write_caption_folder(tmp_path, 24)
     cfg = small_cfg(dataset="folder", path=str(tmp_path), batch_size=2, ssl_batch_size=1, rec_batch_size=1)
     tok = data.BPETokenizer(300, 16)
     ranks = [data.build_pretrain_loader(cfg, tok, rank, 2) for rank in range(2)]
