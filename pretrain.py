@@ -8,7 +8,8 @@ L1 + LPIPS + an adaptive hinge GAN.
 
     python pretrain.py                                   # tiny preset, built-in data, CPU, a few minutes
     python pretrain.py --train.stage=2                   # stage 2 on the latest stage-1 checkpoint in out_dir
-    torchrun --nproc_per_node=8 pretrain.py --preset=L --data.dataset=tar --data.path='shards/{00000..01023}.tar'
+    torchrun --nproc_per_node=8 pretrain.py --preset=L --data.dataset=tar --data.path='shards/{00000..01023}.tar' \
+        --text.tokenizer=bpe_simple_vocab_16e6.txt.gz --loss.lpips_vgg_path=vgg16.pth --loss.lpips_lin_path=vgg.pth
 
 Any λ can be 0 for the paper's ablations: --loss.lambda_clip=0 --loss.lambda_ssl=0 is the reconstruction-only AE.
 """
