@@ -7,6 +7,11 @@ Figure 1: VTP keeps improving with stage-1 compute, a reconstruction-only AE doe
     python scripts/ablation.py --scaling         # AE and CLIP+SSL+AE at 1x, 3x, 9x the stage-1 steps
     python scripts/ablation.py --quick           # a few steps of everything (the test runs this)
 
+The loss ablation also measures how fast the DiT converges on each tokenizer (the paper's "x times faster"):
+gFD_judge of the same DiT after 1/8, 1/4, 1/2 and all of its steps, with and without guidance, and the DiT steps each
+tokenizer needs to reach the AE's final gFD_judge. A second DiT seed on the CLIP+SSL+AE tokenizer measures how much
+the DiT's own seed moves gFD_judge, the yardstick for every difference in the tables.
+
 Options: --out=runs/ablation (or runs/scaling), --steps=N stage-1 steps of the 1x budget (default: the preset's),
 --dit_steps=N (default: the DiT preset's), --num_gen=N samples per guidance scale (default 256), --gen_steps=N Euler
 steps (default 50); any other --key=value goes to every pretrain.py call (e.g. --data.batch_size=64).
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import sys
+import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import benchmark  # noqa: E402  (written-out stage-1 FLOPs)
-from model import ConfigError, parse_config, resolve_checkpoint, run_cli  # noqa: E402
+from model import PRESETS, ConfigError, parse_config, resolve_checkpoint, run_cli  # noqa: E402
 
 # The paper's ablation: which objectives are on (lambda_rec at the preset's value always).
 VARIANTS = {"AE": ["--loss.lambda_clip=0", "--loss.lambda_ssl=0"], "CLIP+AE": ["--loss.lambda_ssl=0"],
@@ -42,8 +48,12 @@ VARIANTS = {"AE": ["--loss.lambda_clip=0", "--loss.lambda_ssl=0"], "CLIP+AE": ["
 SCALING_VARIANTS = ("AE", "CLIP+SSL+AE")
 SCALING_BUDGETS = (1, 3, 9)
 GUIDANCE = (1.0, 4.0)  # judge accuracy and gFD_judge without and with classifier-free guidance
+CONVERGENCE = (1 / 8, 1 / 4, 1 / 2, 1)  # loss ablation: the DiT is evaluated at these fractions of its steps
+VARIANCE_SEEDS = (1,)  # loss ablation: more DiT seeds (--run.seed) on the CLIP+SSL+AE tokenizer
 QUICK = {"steps": 4, "dit_steps": 4, "num_gen": 16, "gen_steps": 2, "eval_images": 32, "judge_images": 256}
-COLORS = {"AE": (200, 60, 40), "CLIP+AE": (40, 120, 200), "SSL+AE": (40, 160, 80), "CLIP+SSL+AE": (120, 50, 170)}
+COLORS = {"AE": (200, 60, 40), "CLIP+AE": (40, 120, 200), "SSL+AE": (40, 160, 80), "CLIP+SSL+AE": (120, 50, 170),
+          "CLIP+SSL+AE, DiT seed 1": (170, 130, 220)}
+UNIT_PATH_KEYS = ("train.out_dir", "train.max_steps", "train.ckpt_every")  # what a unit sets besides its flags
 
 
 def run(cmd, log):
@@ -72,13 +82,17 @@ def evaluate(command, out_json, flags, log):
         return json.load(f)[command]
 
 
+def unit_flags(folder, flags, steps):
+    """The pretrain.py flags of one unit: its folder, steps and checkpoint interval, then the study's flags."""
+    return [f"--train.out_dir={folder}", f"--train.max_steps={steps}", f"--train.ckpt_every={max(1, steps // 4)}"] + flags
+
+
 def pretrain(folder, flags, steps, log):
     """Stage 1 into `folder` for `steps` steps (resumed if a checkpoint is there); returns the final checkpoint."""
     final = os.path.join(folder, f"ckpt_{steps:07d}.pt")
     if not os.path.isfile(final):
         resume = ["--train.resume=true"] if resolve_checkpoint(folder) else []
-        run(["pretrain.py", f"--train.out_dir={folder}", f"--train.max_steps={steps}",
-             f"--train.ckpt_every={max(1, steps // 4)}"] + flags + resume, log)
+        run(["pretrain.py"] + unit_flags(folder, flags, steps) + resume, log)
     if not os.path.isfile(final):
         raise RuntimeError(f"pretrain.py finished without writing {final}; see {log}")
     return final
@@ -95,18 +109,22 @@ def tokenizer_flops(flags, steps):
 
 
 def study_unit(name, folder, flags, steps, o, log):
+    """One tokenizer end to end: pre-train, evaluate, DiT on its latents, evaluate the samples (a `timed` row)."""
+    return timed(folder, log, lambda: _study_unit(name, folder, flags, steps, o, log))
+
+
+def timed(folder, log, work):
     """
-    One tokenizer end to end: pre-train, evaluate, DiT on its latents, evaluate the samples. Returns its row, with
-    `seconds`: the wall time spent on this unit, summed over every run of the study that did some of its work (kept
-    in `folder/seconds.json`, so a resumed study still reports the whole cost; None for a unit finished before the
-    file existed).
+    work()'s row with `seconds`: the wall time spent on it, summed over every run of the study that did some of it
+    (kept in `folder/seconds.json`, so a resumed study still reports the whole cost; None for work finished before
+    the file existed). Work that only read cached results adds nothing.
     """
     os.makedirs(folder, exist_ok=True)
     t0, n_log = time.time(), _log_size(log)
-    row = _study_unit(name, folder, flags, steps, o, log)
+    row = work()
     timing = os.path.join(folder, "seconds.json")
     seconds = json.load(open(timing))["seconds"] if os.path.isfile(timing) else None
-    if _log_size(log) > n_log:  # this call ran some of the unit's stages (each one appends to the log)
+    if _log_size(log) > n_log:  # this call ran some of the stages (each one appends to the log)
         seconds = (seconds or 0.0) + time.time() - t0
         with open(timing, "w") as f:
             json.dump({"seconds": seconds}, f)
@@ -120,9 +138,7 @@ def _log_size(log):
 
 def _study_unit(name, folder, flags, steps, o, log):
     ckpt = pretrain(folder, flags, steps, log)
-    same = [f"--eval.num_images={o['eval_images']}", f"--eval.judge_dir={o['judge_dir']}",
-            f"--eval.judge_images={o['judge_images']}"]  # every evaluation: the same images and the same judge
-    ev = [f"--ckpt={ckpt}"] + same
+    ev = [f"--ckpt={ckpt}"] + o["same"]
     row = {"name": name, "steps": steps, "flops": tokenizer_flops(flags, steps)}
     probe = evaluate("probe", os.path.join(folder, "eval_probe.json"), ev, log)
     recon = evaluate("recon", os.path.join(folder, "eval_recon.json"), ev, log)
@@ -130,18 +146,43 @@ def _study_unit(name, folder, flags, steps, o, log):
     row["zero_shot"] = None
     if "--loss.lambda_clip=0" not in flags:
         row["zero_shot"] = evaluate("zero-shot", os.path.join(folder, "eval_zero_shot.json"), ev, log)["top1"]
-    dit_dir = os.path.join(folder, "dit")
-    final_dit = os.path.join(dit_dir, f"ckpt_{o['dit_steps']:07d}.pt")
-    if not os.path.isfile(final_dit):
-        run(["train_dit.py", f"--tokenizer={ckpt}", f"--dit.out_dir={dit_dir}", f"--dit.max_steps={o['dit_steps']}",
-             f"--dit.ckpt_every={max(1, o['dit_steps'] // 4)}"] + o["dit_flags"], log)
-    for scale in GUIDANCE:
-        gen = evaluate("gen", os.path.join(folder, f"eval_gen_cfg{scale:g}.json"),
-                       [f"--dit_ckpt={final_dit}", f"--eval.cfg_scale={scale}", f"--eval.num_gen={o['num_gen']}",
-                        f"--eval.gen_steps={o['gen_steps']}"] + same, log)
-        row[f"judge_acc_cfg{scale:g}"], row[f"gfd_cfg{scale:g}"] = gen["judge_accuracy"], gen["gFD_judge"]
-    row["grid"] = last_grid(dit_dir)
+    row.update(dit_unit(os.path.join(folder, "dit"), ckpt, o, log))
     return row
+
+
+def dit_unit(dit_dir, ckpt, o, log, seed=0):
+    """
+    A DiT on the tokenizer `ckpt` (seed `seed`), evaluated with and without guidance at the steps of o["curve_at"]
+    (every DiT checkpoint is kept for this). Returns the final step's judge accuracy and gFD_judge per guidance scale,
+    `curve` {scale: [[DiT step, gFD_judge, judge accuracy], ...]} and the last sample grid.
+    """
+    n = o["dit_steps"]
+    final_dit = os.path.join(dit_dir, f"ckpt_{n:07d}.pt")
+    if not os.path.isfile(final_dit):
+        run(["train_dit.py", f"--tokenizer={ckpt}", f"--dit.out_dir={dit_dir}", f"--dit.max_steps={n}",
+             f"--dit.ckpt_every={o['dit_ckpt_every']}", "--dit.keep_ckpts=0", f"--run.seed={seed}"]
+            + o["dit_flags"], log)  # a re-run resumes from the DiT's last checkpoint
+    out = {"curve": {}}
+    for scale in GUIDANCE:
+        curve = []
+        for at in o["curve_at"]:
+            gen = evaluate("gen", os.path.join(dit_dir, f"eval_gen_{at:07d}_cfg{scale:g}.json"),
+                           [f"--dit_ckpt={os.path.join(dit_dir, f'ckpt_{at:07d}.pt')}", f"--eval.cfg_scale={scale}",
+                            f"--eval.num_gen={o['num_gen']}", f"--eval.gen_steps={o['gen_steps']}"] + o["same"], log)
+            curve.append([at, gen["gFD_judge"], gen["judge_accuracy"]])
+        out["curve"][f"{scale:g}"] = curve
+        out[f"judge_acc_cfg{scale:g}"], out[f"gfd_cfg{scale:g}"] = curve[-1][2], curve[-1][1]
+    out["grid"] = last_grid(dit_dir)
+    return out
+
+
+def variance_unit(base, folder, seed, o, log):
+    """Another DiT seed on the tokenizer of the row `base` (whose tokenizer columns it repeats), timed alone."""
+    dit_dir = os.path.join(folder, f"dit_seed{seed}")
+    row = timed(dit_dir, log, lambda: dit_unit(dit_dir, os.path.join(folder, f"ckpt_{base['steps']:07d}.pt"), o, log,
+                                               seed=seed))
+    keep = ("name", "steps", "flops", "probe", "knn", "psnr", "rfd", "zero_shot", "config")
+    return {**{k: base[k] for k in keep}, **row, "label": f"{base['name']}, DiT seed {seed}", "dit_seed": seed}
 
 
 def last_grid(dit_dir):
@@ -164,11 +205,90 @@ def results_table(rows):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         wall = "?" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f} min"
-        lines.append(f"| {r['name']} | {r['steps']} | {r['flops'] / 1e9:.0f} | {fmt(r['probe'])}% | {fmt(r['knn'])}% "
+        lines.append(f"| {r.get('label', r['name'])} | {r['steps']} | {r['flops'] / 1e9:.0f} | {fmt(r['probe'])}% | {fmt(r['knn'])}% "
                      f"| {fmt(r['zero_shot'])}{'%' if r['zero_shot'] is not None else ''} | {r['psnr']:.2f} dB "
                      f"| {r['rfd']:.3f} | {100 * r['judge_acc_cfg1']:.1f}% / {100 * r['judge_acc_cfg4']:.1f}% "
                      f"| {r['gfd_cfg1']:.3f} / {r['gfd_cfg4']:.3f} | {wall} |")
     return "\n".join(lines)
+
+
+def reach_step(curve, target):
+    """
+    The DiT steps at which a curve [[step, gFD_judge, accuracy], ...] first reaches gFD_judge <= target, linearly
+    interpolated in log(step) between the two evaluated steps around the crossing; ("<=", first step) when the first
+    evaluated step is already there, (None, None) when it never gets there.
+    """
+    prev = None
+    for step, gfd, _ in curve:
+        if gfd <= target:
+            if prev is None:
+                return "<=", step
+            (s0, g0) = prev
+            frac = (g0 - target) / (g0 - gfd)
+            return "~", round(math.exp(math.log(s0) + frac * (math.log(step) - math.log(s0))))
+        prev = (step, gfd)
+    return None, None
+
+
+def convergence_table(rows, reference="AE"):
+    """gFD_judge of each DiT along its training, and the steps it needs to reach the final gFD_judge of the
+    `reference` tokenizer's DiT (speed-up = the reference's steps / those steps)."""
+    ref = next((r for r in rows if r.get("label", r["name"]) == reference), None)
+    steps = [at for at, _, _ in rows[0]["curve"]["1"]]
+    head = "| tokenizer | " + " | ".join(f"gFD_judge cfg {g:g} at {', '.join(map(str, steps))} DiT steps"
+                                                  for g in GUIDANCE)
+    if ref is not None:
+        head += " | " + " | ".join(f"steps to {reference}'s final (cfg {g:g})" for g in GUIDANCE)
+    lines = [head + " |", "|" + "---|" * (head.count("|"))]
+    for r in rows:
+        cells = [" / ".join(f"{gfd:.0f}" for _, gfd, _ in r["curve"][f"{g:g}"]) for g in GUIDANCE]
+        if ref is not None:
+            for g in GUIDANCE:
+                bound, at = reach_step(r["curve"][f"{g:g}"], ref["curve"][f"{g:g}"][-1][1])
+                full = ref["curve"][f"{g:g}"][-1][0]
+                cells.append("never" if at is None else f"{bound}{at} ({'>=' if bound == '<=' else ''}"
+                                                         f"{full / at:.1f}x)")
+        lines.append(f"| {r.get('label', r['name'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def git_commit():
+    """HEAD of the repository this script is in, with "-dirty" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differences_from_tiny(config):
+    """{field: [unit's value, PRESETS["tiny"]()'s value]} for every field of a unit's config (a `Config.to_dict()`,
+    possibly read back from JSON) that differs from today's tiny preset, leaving out UNIT_PATH_KEYS."""
+    tiny = _flat(json.loads(json.dumps(PRESETS["tiny"]().to_dict())))  # through JSON: tuples compare as lists
+    unit = _flat(json.loads(json.dumps(config)))
+    return {k: [unit.get(k), tiny.get(k)] for k in sorted(set(unit) | set(tiny))
+            if k not in UNIT_PATH_KEYS and unit.get(k) != tiny.get(k)}
+
+
+def unit_record(folder, flags, steps):
+    """The commit and full config a unit was started with, written once to folder/unit.json (a study resumed on
+    a later commit keeps the commit that trained the tokenizer)."""
+    path = os.path.join(folder, "unit.json")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"commit": git_commit(), "config": parse_config(unit_flags(folder, flags, steps)).to_dict()}, f)
+    with open(path) as f:
+        return json.load(f)
 
 
 def line_plot(path, series, xlabel, ylabel, title, logx=False, size=(640, 420)):
@@ -264,6 +384,12 @@ def main(argv):
                          "--train.preview_every=1000"]
         o["dit_flags"] = ["--dit.num_cache_images=32", "--dit.stats_images=32", "--sample.num_steps=2",
                           "--dit.grid_classes=2", "--dit.grid_per_class=2", "--dit.batch_size=8"]
+    o["same"] = [f"--eval.num_images={o['eval_images']}", f"--eval.judge_dir={o['judge_dir']}",
+                 f"--eval.judge_images={o['judge_images']}"]  # every evaluation: the same images and the same judge
+    # the loss ablation follows each DiT's training (1/8 ... 1 of its steps), the scaling study only its end
+    fractions = (1,) if opts["scaling"] else CONVERGENCE
+    o["curve_at"] = sorted({max(1, round(f * o["dit_steps"])) for f in fractions})
+    o["dit_ckpt_every"] = math.gcd(*o["curve_at"])  # a checkpoint at every evaluated step
     log = os.path.join(out, "log.txt")
     t0 = time.time()
     units = ([(f"{v} {b}x", v, b * steps) for b in SCALING_BUDGETS for v in SCALING_VARIANTS] if opts["scaling"]
@@ -273,36 +399,64 @@ def main(argv):
         folder = os.path.join(out, label.replace(" ", "_").replace("+", "_"))
         print(f"[{time.time() - t0:7.0f} s] {label}: {n} stage-1 steps, then a {o['dit_steps']}-step DiT ({folder})",
               flush=True)
+        record = unit_record(folder, flags + VARIANTS[variant], n)
         row = study_unit(variant, folder, flags + VARIANTS[variant], n, o, log)
-        row["label"] = label
-        rows.append(row)
+        rows.append({**row, **record, "label": label})
+        write_results(out, rows, opts, argv, flags, t0)  # what is done is saved as the study goes
+    if not opts["scaling"]:  # the DiT's own seed: the yardstick for the differences between tokenizers
+        folder = os.path.join(out, "CLIP_SSL_AE")
+        for seed in VARIANCE_SEEDS:
+            print(f"[{time.time() - t0:7.0f} s] CLIP+SSL+AE: DiT seed {seed}", flush=True)
+            vtp = next(r for r in rows if r["name"] == "CLIP+SSL+AE" and "dit_seed" not in r)
+            rows.append(variance_unit(vtp, folder, seed, o, log))
+            write_results(out, rows, opts, argv, flags, t0)
+    table = results_table(rows)
+    print(table)
+    print(f"wrote {out}/results.md and results.json in {time.time() - t0:.0f} s")
+    return rows
+
+
+def write_results(out, rows, opts, argv, flags, t0):
+    """results.json (rows with their commit and config), results.md (tables, plots) and the PNGs, from the rows so
+    far."""
     portable = [{**r, "grid": r["grid"] and os.path.relpath(r["grid"], out)} for r in rows]  # movable with `out`
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": portable, "wall_s": time.time() - t0, "units_s": sum(r["seconds"] or 0 for r in rows),
-                   "options": opts, "flags": flags}, f, indent=2)
-    table = results_table(rows)
+        json.dump({"commit": git_commit(), "rows": portable, "wall_s": time.time() - t0,
+                   "units_s": sum(r["seconds"] or 0 for r in rows), "options": opts, "flags": flags}, f, indent=2)
+    units = [r for r in rows if "dit_seed" not in r]
     md = [f"# {'Tokenizer scaling' if opts['scaling'] else 'Loss ablation'} in miniature", "",
-          f"`python scripts/ablation.py {' '.join(argv)}`", "", table, ""]
+          f"`python scripts/ablation.py {' '.join(argv)}`", "", results_table(rows), ""]
     for scale in GUIDANCE:  # one plot per guidance scale: the two can disagree, and neither is hidden
         key, suffix = f"gfd_cfg{scale:g}", "" if scale == 1 else f"_cfg{scale:g}"
         if opts["scaling"]:
-            series = {v: [(r["flops"], r[key]) for r in rows if r["name"] == v] for v in SCALING_VARIANTS}
+            series = {v: [(r["flops"], r[key]) for r in units if r["name"] == v] for v in SCALING_VARIANTS}
+            series = {v: pts for v, pts in series.items() if pts}
             name = line_plot(os.path.join(out, f"scaling{suffix}.png"), series, "stage-1 training FLOPs (log scale)",
                              f"gFD_judge (cfg {scale:g})", "generation vs tokenizer compute", logx=True)
             md.append(f"![scaling, guidance {scale:g}]({os.path.basename(name)})")
         else:
-            series = {r["name"]: [(r["probe"], r[key])] for r in rows}
+            series = {r["name"]: [(r["probe"], r[key])] for r in units}
             name = line_plot(os.path.join(out, f"probe_vs_gfd{suffix}.png"), series, "linear probe top-1 (%)",
                              f"gFD_judge (cfg {scale:g})", "generation vs understanding")
             md.append(f"![generation vs understanding, guidance {scale:g}]({os.path.basename(name)})")
     if not opts["scaling"]:
-        if grids_side_by_side(os.path.join(out, "samples.png"), rows):
+        md += ["", "## DiT convergence", "", convergence_table(rows), ""]
+        for scale in GUIDANCE:
+            suffix = "" if scale == 1 else f"_cfg{scale:g}"
+            series = {r.get("label", r["name"]): [(at, gfd) for at, gfd, _ in r["curve"][f"{scale:g}"]] for r in rows}
+            name = line_plot(os.path.join(out, f"convergence{suffix}.png"), series, "DiT steps (log scale)",
+                             f"gFD_judge (cfg {scale:g})", "DiT convergence per tokenizer", logx=True)
+            md.append(f"![DiT convergence, guidance {scale:g}]({os.path.basename(name)})")
+        if grids_side_by_side(os.path.join(out, "samples.png"), units):
             md.append("![samples](samples.png)")
+    md += ["", "## Recipe", "", "Each unit's commit and full config are in results.json; against `PRESETS[\"tiny\"]()` "
+           f"of {git_commit()[:12]} (leaving out {', '.join(UNIT_PATH_KEYS)}):", ""]
+    for r in units:
+        diff = differences_from_tiny(r["config"])
+        md.append(f"- {r['label']} (commit {r['commit'][:12]}): " +
+                  (", ".join(f"{k}={v[0]} (tiny: {v[1]})" for k, v in diff.items()) or "the tiny preset"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    print(table)
-    print(f"wrote {out}/results.md and results.json in {time.time() - t0:.0f} s")
-    return rows
 
 
 if __name__ == "__main__":

@@ -33,23 +33,55 @@ def test_line_plot_draws_every_series(tmp_path):
     assert ablation.COLORS["AE"] in colors and ablation.COLORS["CLIP+SSL+AE"] in colors
 
 
+def test_reach_step_interpolates_in_log_steps():
+    curve = [[500, 900.0, 0.5], [1000, 700.0, 0.6], [2000, 500.0, 0.7], [4000, 400.0, 0.8]]
+    assert ablation.reach_step(curve, 600.0) == ("~", round(2 ** 0.5 * 1000))  # halfway from 1000 to 2000 in log
+    assert ablation.reach_step(curve, 400.0) == ("~", 4000)
+    assert ablation.reach_step(curve, 950.0) == ("<=", 500)  # already there at the first evaluated step
+    assert ablation.reach_step(curve, 300.0) == (None, None)
+
+
+def test_differences_from_tiny_name_every_changed_field():
+    from model import PRESETS
+
+    cfg = PRESETS["tiny"]().to_dict()
+    assert ablation.differences_from_tiny(json.loads(json.dumps(cfg))) == {}  # tuples read back from JSON as lists
+    cfg["train"].update(out_dir="elsewhere", max_steps=3, ckpt_every=1)  # a unit's own folder and steps
+    cfg["loss"]["lambda_ssl"] = 0.0
+    assert ablation.differences_from_tiny(cfg) == {"loss.lambda_ssl": [0.0, PRESETS["tiny"]().loss.lambda_ssl]}
+
+
 def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
     out = str(tmp_path / "study")
     rows = ablation.main(["--quick", f"--out={out}"])
-    assert [r["name"] for r in rows] == list(ablation.VARIANTS)
+    units = rows[:len(ablation.VARIANTS)]
+    assert [r["name"] for r in units] == list(ablation.VARIANTS)
+    assert [r["label"] for r in rows[len(units):]] == [f"CLIP+SSL+AE, DiT seed {s}" for s in ablation.VARIANCE_SEEDS]
+    for r in rows:  # the DiT followed along its training: 1, 2 and 4 of its 4 steps, with and without guidance
+        assert [[at for at, _, _ in r["curve"][g]] for g in ("1", "4")] == [[1, 2, 4], [1, 2, 4]]
+        assert r["curve"]["1"][-1][1:] == [r["gfd_cfg1"], r["judge_acc_cfg1"]]
+    assert rows[-1]["gfd_cfg1"] != rows[-2]["gfd_cfg1"] and rows[-1]["probe"] == rows[-2]["probe"]  # same tokenizer
+    rows = units
     for r in rows:
         assert 0 <= r["probe"] <= 100 and 0 <= r["knn"] <= 100 and r["psnr"] > 0 and r["rfd"] >= 0
         assert 0 <= r["judge_acc_cfg1"] <= 1 and 0 <= r["judge_acc_cfg4"] <= 1 and r["gfd_cfg1"] >= 0
         assert (r["zero_shot"] is None) == (r["name"] in ("AE", "SSL+AE"))  # zero-shot only where CLIP is on
     assert rows[0]["flops"] < rows[-1]["flops"]
     with open(os.path.join(out, "results.json")) as f:
-        saved = json.load(f)["rows"]
+        saved = json.load(f)
+    assert saved["commit"] == ablation.git_commit() and len(saved["commit"]) >= 40
+    saved = saved["rows"][:len(units)]
     assert [r["name"] for r in saved] == list(ablation.VARIANTS)
+    # each unit's full config: the tiny preset apart from its folder, steps, --quick's flags and its variant's λs
+    quick = {"encoder.depth", "decoder.depth", "text.depth", "train.log_every", "train.preview_every"}
+    assert set(ablation.differences_from_tiny(saved[-1]["config"])) == quick
+    assert set(ablation.differences_from_tiny(saved[0]["config"])) == quick | {"loss.lambda_clip", "loss.lambda_ssl"}
+    assert saved[0]["config"]["train"]["max_steps"] == 4 and saved[0]["commit"] == ablation.git_commit()
     for r in saved:  # sample grids are named relative to the study folder, so results.json moves with it
         assert not os.path.isabs(r["grid"]) and os.path.isfile(os.path.join(out, r["grid"]))
     md = open(os.path.join(out, "results.md")).read()
     assert all(f"| {v} |" in md for v in ablation.VARIANTS)
-    for png in ("probe_vs_gfd.png", "probe_vs_gfd_cfg4.png"):  # one plot per guidance scale, both in results.md
+    for png in ("probe_vs_gfd.png", "probe_vs_gfd_cfg4.png", "convergence.png", "convergence_cfg4.png"):  # one plot per guidance scale, both in results.md
         assert os.path.isfile(os.path.join(out, png)) and f"({png})" in md
     assert all(r["seconds"] > 0 for r in rows) and "| ? |" not in md
     # Resumable: a finished study re-runs nothing; a lost result is redone alone, and its unit's time grows by the
@@ -57,13 +89,14 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
     log = os.path.join(out, "log.txt")
     n_runs = open(log).read().count("\n$ ")
     os.remove(os.path.join(out, "CLIP_AE", "eval_probe.json"))
-    again = ablation.main(["--quick", f"--out={out}"])
+    again = ablation.main(["--quick", f"--out={out}"])[:len(units)]
     assert open(log).read().count("\n$ ") == n_runs + 1
     assert again[1]["probe"] == rows[1]["probe"]  # the same checkpoint evaluated again
     assert again[1]["seconds"] > rows[1]["seconds"]
     assert [r["seconds"] for i, r in enumerate(again) if i != 1] == [r["seconds"] for i, r in enumerate(rows) if i != 1]
     with open(os.path.join(out, "results.json")) as f:
-        assert json.load(f)["units_s"] == pytest.approx(sum(r["seconds"] for r in again))
+        saved = json.load(f)
+    assert saved["units_s"] == pytest.approx(sum(r["seconds"] for r in saved["rows"]))
 
 
 def test_unknown_flag_fails_before_running(tmp_path):
