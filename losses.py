@@ -107,6 +107,16 @@ def clip_loss(image_features, text_features, logit_scale, rank=0, world_size=1):
         return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
+def cached_gradient_term(tensors, grads):
+    """
+    Gradient caching (Gao, Zhang, Han, Callan 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+    Limited Setup"): Σ_i <t_i, g_i> in fp32 for tensors t_i and gradients g_i of a loss computed elsewhere (CLIP over
+    the whole accumulated batch). Its gradient w.r.t. each t_i is g_i, so its backward sends that loss's gradient
+    through the graph that made t_i. Its value is not a loss.
+    """
+    return sum((t.float() * g).sum() for t, g in zip(tensors, grads))
+
+
 # -----------------------------------------------------------------------------
 # Teacher targets for DINO / iBOT (Method §5, SSL)
 
@@ -219,7 +229,7 @@ def dino_loss(student_global_logits, student_local_logits, teacher_probs, studen
 
 
 def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1, mask_indices=None,
-              mask_weight=None):
+              mask_weight=None, n_images=None):
     """
     iBOT masked-patch loss (Method §5, SSL; iBOT/DINOv2).
 
@@ -234,6 +244,8 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
     made by the data loader); with them no boolean indexing runs here, so the step never waits on the GPU.
     mask_weight: optional (M,) weight of each token, 1/(masked patches of its crop), 0 on padding: the data loader
     pads the token list to a fixed length (DINOv2), so M is then that length and the shapes never change.
+    n_images: optional divisor instead of this batch's number of masked crops (gradient accumulation passes its
+    share of the accumulated batch's, so the k micro-steps add up to that batch's loss).
     """
     with _fp32(student_patch_logits):
         n_masked = masks.sum(dim=-1)  # (2B,)
@@ -244,7 +256,8 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
             token_weight = image_weight.unsqueeze(-1).expand_as(masks)[masks]  # (M,)
         else:
             token_weight = image_weight[mask_indices // masks.shape[1]]  # (M,): weight of each token's image
-        n_images = (n_masked > 0).sum().clamp_min(1)
+        if n_images is None:
+            n_images = (n_masked > 0).sum().clamp_min(1)
         ce = _soft_cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)  # (M,)
         return (ce * token_weight).sum() / n_images
 

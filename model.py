@@ -711,7 +711,9 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"  # checkpoints, config.json, metrics.jsonl and previews go here
     init_from: str = ""  # stage 2: stage-1 checkpoint (file or folder); empty = latest in out_dir
     max_steps: int = 1000  # optimizer steps (tiny: about 10 minutes on 2 CPU cores)
-    accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
+    # k micro-batches of data.batch_size per optimizer step whose gradients add up to that of their union: CLIP by
+    # cached gradients and teacher targets over all k (README Method §6); global batch = batch_size * processes * k
+    accum_steps: int = 1
     grad_checkpoint: bool = False  # recompute each transformer block in the backward (S/B/L: on); same gradients
     keep_ckpts: int = 3  # newest ckpt_*.pt kept in out_dir (0 = all)
     stage2_batch_size: int = 0  # stage 2: images per process per step (0 = data.batch_size)
@@ -1006,6 +1008,9 @@ def validate_config(cfg):
     b = cfg.data.batch_size
     need(cfg.data.ssl_batch_size <= b, "data.ssl_batch_size", f"must be <= data.batch_size={b}")
     need(cfg.data.rec_batch_size <= b, "data.rec_batch_size", f"must be <= data.batch_size={b}")
+    need(cfg.data.ssl_batch_size >= 2 or cfg.loss.lambda_ssl == 0 or cfg.loss.koleo_weight == 0, "data.ssl_batch_size",
+         "must be >= 2 with KoLeo on (loss.koleo_weight > 0): its nearest neighbours are searched within each "
+         "process's micro-batch")
     for key in ("data.global_crop_scale", "data.local_crop_scale", "data.mask_ratio", "data.mask_aspect",
                 "optim.betas", "dit.betas", "sample.cfg_interval"):
         v = _get(cfg, key)

@@ -106,15 +106,22 @@ class Student(nn.Module):
             if not cfg.encoder.latent_features:
                 v.trunk.feature_bottleneck.requires_grad_(False)
 
-    def forward(self, batch, teacher_probs=None, generator=None, diagnostics=False):
+    def forward(self, batch, teacher_probs=None, generator=None, diagnostics=False, clip_cache=None):
         """`generator`: the step's stochastic-depth draws (model.step_generator), shared by the three forwards.
-        diagnostics: also return the SSL entropies (two softmaxes over K per token: only on log steps)."""
+        diagnostics: also return the SSL entropies (two softmaxes over K per token: only on log steps).
+        clip_cache: gradient accumulation (`accumulate_gradients`): {"loss": L_clip of the accumulated batch, "grads":
+        its cached gradients w.r.t. this micro-batch's (image, text) embeddings and logit_scale}. "clip" is then that
+        loss (constant here) and "cached" a term whose gradient through the towers is the cached one."""
         lc, e, v = self.cfg.loss, self.cfg.encoder, self.vtp
-        clip = dino = ibot = koleo = rec = recon = entropies = None
+        clip = dino = ibot = koleo = rec = recon = entropies = cached = None
         if lc.lambda_clip > 0:
             img = v.image_features(batch["images"], drop_path_rate=e.drop_path_clip, generator=generator)  # (B, E)
             txt = v.text_features(batch["tokens"])  # (B, E)
-            clip = losses.clip_loss(img, txt, v.logit_scale, self.rank, self.world_size)
+            if clip_cache is None:
+                clip = losses.clip_loss(img, txt, v.logit_scale, self.rank, self.world_size)
+            else:
+                clip = clip_cache["loss"]
+                cached = losses.cached_gradient_term((img, txt, v.logit_scale), clip_cache["grads"])
         if lc.lambda_ssl > 0:
             dino, ibot, koleo, entropies = self.ssl_losses(batch, teacher_probs, generator, diagnostics)
         if lc.lambda_rec > 0:
@@ -123,6 +130,8 @@ class Student(nn.Module):
             recon = v.decode(z, drop_path_rate=0.0)
             rec = self.rec_loss(recon, target)
         terms = losses.vtp_loss(lc, rec=rec, clip=clip, dino=dino, ibot=ibot, koleo=koleo)
+        if cached is not None:
+            terms["cached"] = cached
         return {**terms, **(entropies or {})}, recon
 
     def ssl_losses(self, batch, teacher_probs, generator=None, diagnostics=False):
@@ -147,7 +156,8 @@ class Student(nn.Module):
         s_global, s_patch = logits[:n_global], logits[n_global:n_global + head_in[1].shape[0]]
         s_local = logits[n_global + head_in[1].shape[0]:] if len(feats) > 1 else None
         dino = losses.dino_loss(s_global, s_local, teacher_probs["cls"], lc.student_temp)
-        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp, mask_idx, mask_w)
+        ibot = losses.ibot_loss(s_patch, teacher_probs["patches"], batch["masks"], lc.student_temp, mask_idx, mask_w,
+                                n_images=batch.get("ibot_images"))
         koleo = losses.koleo_loss(g_cls, n_crops=2)
         if not diagnostics:
             return dino, ibot, koleo, None
@@ -183,12 +193,22 @@ class Teacher(nn.Module):
         """Teacher probabilities {"cls": (2B, K), "patches": (M, K)} for the student's masked positions, given as
         the batch's `mask_indices` (flat indices into the (2B, N) masks, padded to a fixed M; `mask_weight` 0 marks
         the padding, which takes no part in Sinkhorn-Knopp or the centre)."""
+        return self.targets(*self.logits(global_crops, mask_indices), temp, mask_weight)
+
+    @torch.no_grad()
+    def logits(self, global_crops, mask_indices):
+        """The head's logits on the [CLS] (2B, K) and on the masked patch tokens (M, K) of the unmasked crops."""
         f = self.trunk.forward_features(global_crops)
         cls, patches = f["cls"], f["patches"]
         if self.latent_features:
             cls, patches = self.trunk.feature_bottleneck(cls), self.trunk.feature_bottleneck(patches)
         logits = self.dino_head(torch.cat([cls, patches.flatten(0, 1)[mask_indices]]))
-        t_cls, t_patch = logits[:cls.shape[0]], logits[cls.shape[0]:]
+        return logits[:cls.shape[0]], logits[cls.shape[0]:]
+
+    @torch.no_grad()
+    def targets(self, t_cls, t_patch, temp, mask_weight=None):
+        """Logits -> probabilities by Sinkhorn-Knopp over all of their rows (and all processes), or by the centre
+        (then updated once from all of them)."""
         if self.loss_cfg.teacher_norm == "sinkhorn":
             n_iters = self.loss_cfg.sinkhorn_iters
             return {"cls": losses.sinkhorn_knopp(t_cls, temp, n_iters),
@@ -255,16 +275,95 @@ def fixed_preview_images(cfg: Config, n=8):
 
 
 def forward_backward(fwd, teacher, batch, temp, cfg: Config, autocast, scaler, generator=None, diagnostics=False):
-    """One micro-step: teacher targets (no grad), the student's losses (stochastic depth drawn from `generator`),
-    and the (scaled) backward of total / accum_steps. Returns the loss terms (with the SSL entropies if
-    `diagnostics`)."""
+    """One step's batch (train.accum_steps=1): teacher targets (no grad), the student's losses (stochastic depth
+    drawn from `generator`) and the (scaled) backward of their total. Returns the loss terms (with the SSL
+    entropies if `diagnostics`)."""
     with autocast():
         probs = (teacher(batch["global_crops"], batch["mask_indices"], temp, batch["mask_weight"])
                  if cfg.loss.lambda_ssl > 0 else None)
         terms, _ = fwd(batch, probs, generator, diagnostics)
-    loss = terms["total"] / cfg.train.accum_steps
-    (scaler.scale(loss) if scaler else loss).backward()
+    (scaler.scale(terms["total"]) if scaler else terms["total"]).backward()
     return terms
+
+
+def accumulate_gradients(model, student, teacher, batches, temp, cfg: Config, autocast, scaler, generators, device,
+                         diagnostics=False):
+    """
+    k = len(batches) micro-steps whose gradients add up to the gradient of one step on their union, as if the k
+    micro-batches ran on k times as many processes (the README's Method §6, "Batch size and gradient accumulation"):
+      1) teacher targets: the teacher's logits of every micro-batch, then Sinkhorn-Knopp or the centre once over all
+         of them (`teacher_targets`), so DINO and iBOT are exact; iBOT is averaged over the masked crops of all;
+      2) CLIP by gradient caching (Gao et al. 2021): the embeddings of every micro-batch without a graph, the
+         InfoNCE loss over all of them (and every process) and its gradient w.r.t. them (`clip_gradient_cache`);
+      3) per micro-batch: the student's forward, with the cached CLIP gradient sent through its towers, and the
+         backward of its 1/k share of the other terms; DDP all-reduces on the last one.
+    KoLeo's nearest neighbours stay within each micro-batch (DINOv2 searches them within each GPU's batch).
+    `generators(j)`: a fresh generator for micro-batch j, so the CLIP pass of 2) redraws 3)'s stochastic depth.
+    `batches`: loader batches (uint8 images, moved to `device` one at a time). Returns each micro-step's terms.
+    """
+    k, lc = len(batches), cfg.loss
+    probs, cache, ibot_share = [None] * k, [None] * k, None
+    if lc.lambda_ssl > 0:
+        probs = teacher_targets(teacher, batches, temp, autocast, device)
+        masked_crops = sum((b["masks"].sum(dim=1) > 0).sum() for b in batches)  # () tensor: no host sync
+        ibot_share = masked_crops.clamp_min(1) / k  # each micro-step's iBOT is divided by its share of them
+    if lc.lambda_clip > 0:
+        cache = clip_gradient_cache(student, batches, cfg, autocast, generators, device)
+    out = []
+    for j, batch in enumerate(batches):
+        batch = {**data.batch_to_device(batch, device), "ibot_images": ibot_share}
+        sync = j == k - 1 or student.world_size == 1  # all-reduce gradients on the last micro-step
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                terms, _ = model(batch, probs[j], generators(j), diagnostics, cache[j])
+            loss = terms["total"] / k + terms.pop("cached", 0.0)
+            (scaler.scale(loss) if scaler else loss).backward()
+        out.append(terms)
+    return out
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batches, temp, autocast, device):
+    """The teacher's targets for every micro-batch of `batches`, normalized together (Sinkhorn-Knopp over all their
+    rows, or one centre update from all of them): [{"cls", "patches"}] per micro-batch."""
+    logits, weights = [], []
+    for batch in batches:
+        b = data.batch_to_device({key: batch[key] for key in ("global_crops", "mask_indices", "mask_weight")}, device)
+        with autocast():
+            logits.append(teacher.logits(b["global_crops"], b["mask_indices"]))
+        weights.append(b["mask_weight"])
+    with autocast():
+        probs = teacher.targets(torch.cat([c for c, _ in logits]), torch.cat([p for _, p in logits]), temp,
+                                torch.cat(weights))
+    cls = probs["cls"].split([c.shape[0] for c, _ in logits])
+    patches = probs["patches"].split([p.shape[0] for _, p in logits])
+    return [{"cls": c, "patches": p} for c, p in zip(cls, patches)]
+
+
+def clip_gradient_cache(student, batches, cfg: Config, autocast, generators, device):
+    """
+    Gradient caching for CLIP (Gao, Zhang, Han, Callan 2021): 1) the image and text embeddings of every micro-batch
+    without a graph (stochastic depth from generators(j), as the student's pass will draw it again); 2) λ_clip·L_clip
+    over all of them, gathered across processes as `clip_loss` does, and its gradient w.r.t. the embeddings and
+    logit_scale. Returns per micro-batch {"loss": L_clip, "grads": (image, text, logit_scale / k)}, the student's
+    `clip_cache`; memory is one micro-batch's towers, at the cost of one more forward of both.
+    """
+    v, lc = student.vtp, cfg.loss
+    img, txt = [], []
+    with torch.no_grad():
+        for j, batch in enumerate(batches):
+            b = data.batch_to_device({"images": batch["images"], "tokens": batch["tokens"]}, device)
+            with autocast():
+                img.append(v.image_features(b["images"], drop_path_rate=cfg.encoder.drop_path_clip,
+                                            generator=generators(j)).float())
+                txt.append(v.text_features(b["tokens"]).float())
+    all_img, all_txt = torch.cat(img).requires_grad_(), torch.cat(txt).requires_grad_()  # (k*B, E)
+    scale = v.logit_scale.detach().clone().requires_grad_()
+    loss = losses.clip_loss(all_img, all_txt, scale, student.rank, student.world_size)
+    g_img, g_txt, g_scale = torch.autograd.grad(lc.lambda_clip * loss, (all_img, all_txt, scale))
+    sizes, k = [x.shape[0] for x in img], len(batches)
+    return [{"loss": loss.detach(), "grads": (gi, gt, g_scale / k)}
+            for gi, gt in zip(g_img.split(sizes), g_txt.split(sizes))]
 
 
 def optimizer_step(student, teacher, optimizer, scaler, cfg: Config, momentum, freeze_last_layer=False):
@@ -384,23 +483,27 @@ def train_stage1(cfg: Config, rank, world_size, device):
     # 4. training loop
     while step < tc.max_steps:
         # (a) this step's randomness and schedules. Stochastic depth draws from a generator seeded by (seed, rank,
-        # step), so a resumed run draws exactly what an uninterrupted one would; the data stream is a function of its
+        # step) (micro-step j of k: step*k + j), so a resumed run draws exactly what an uninterrupted one would; the data stream is a function of its
         # position. lr: warm-up then cosine (per group: the text tower's lr_mult); teacher temperature: warm-up.
-        gen = step_generator(cfg.run.seed, rank, step, device)
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         last = step + 1 == tc.max_steps
         logs = (step + 1) % tc.log_every == 0 or last or (step + 1) % tc.ckpt_every == 0
-        # (b) micro-steps: one batch (CLIP images + captions, SSL multi-crop + iBOT masks, reconstruction subset),
-        # uint8 images normalized on the device, teacher targets, the three losses (losses.vtp_loss), backward;
-        # DDP all-reduces on the last micro-step. The SSL entropies are computed on log steps only.
-        for micro in range(tc.accum_steps):
-            batch = data.batch_to_device(next(loader), device)
-            sync = micro == tc.accum_steps - 1 or world_size == 1  # all-reduce gradients on the last micro-step
-            with contextlib.nullcontext() if sync else model.no_sync():
-                terms = forward_backward(model, teacher, batch, temp, cfg, autocast, scaler, gen, diagnostics=logs)
-            tracker.add(terms, step + 1)  # steps are counted from 1 in logs and checkpoints
+        # (b) one batch (CLIP images + captions, SSL multi-crop + iBOT masks, reconstruction subset), uint8 images
+        # normalized on the device, teacher targets, the three losses (losses.vtp_loss), backward; DDP all-reduces.
+        # With train.accum_steps=k, k batches whose gradients add up to that of their union (accumulate_gradients).
+        # The SSL entropies are computed on log steps only.
+        if tc.accum_steps == 1:
+            batch, gen = data.batch_to_device(next(loader), device), step_generator(cfg.run.seed, rank, step, device)
+            terms = [forward_backward(model, teacher, batch, temp, cfg, autocast, scaler, gen, diagnostics=logs)]
+        else:
+            batches = [next(loader) for _ in range(tc.accum_steps)]
+            terms = accumulate_gradients(model, student, teacher, batches, temp, cfg, autocast, scaler,
+                                         lambda j: step_generator(cfg.run.seed, rank, step * tc.accum_steps + j,
+                                                                  device), device, diagnostics=logs)
+        for t in terms:
+            tracker.add(t, step + 1)  # steps are counted from 1 in logs and checkpoints
         # (c) clip, AdamW (prototypes frozen for the first head.freeze_last_layer_steps), teacher EMA
         grad_norm = optimizer_step(student, teacher, optimizer, scaler, cfg, teacher_momentum_at(step, cfg),
                                    freeze_last_layer=step < cfg.head.freeze_last_layer_steps)
@@ -441,41 +544,54 @@ def load_stage1(cfg: Config):
                                 "(run stage 1 first, or pass --train.init_from=PATH)")
 
 
-def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Config, autocast, world_size=1):
+def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, xs, step, cfg: Config, autocast, world_size=1):
     """
-    One stage-2 step on images x (B, 3, H, W): the frozen encoder's latents, then
-      1) the decoder: L1 + LPIPS + adaptive hinge GAN (discriminator frozen for this pass), clip, AdamW;
-      2) from loss.gan_start on, the discriminator: hinge loss on real images vs. the detached reconstructions.
+    One stage-2 step on the micro-batches of images xs (k tensors (B, 3, H, W); k = train.accum_steps): the frozen
+    encoder's latents, then
+      1) the decoder: L1 + LPIPS + adaptive hinge GAN (discriminator frozen for this pass), its gradient accumulated
+         over the micro-batches, clip, AdamW;
+      2) from loss.gan_start on, the discriminator: hinge loss on real images vs. the detached reconstructions,
+         accumulated the same way.
+    Every term is a mean over images, so the k micro-steps give the big batch's gradient, except the adaptive GAN
+    weight: a ratio of gradient norms, computed per micro-batch as DDP computes it per GPU.
     `dec` is the (possibly DDP-wrapped) decoder, `vtp.pixel_decoder` the raw one. With fp16 one GradScaler scales
-    both backward passes and is updated once per step. Returns (loss terms, reconstructions).
+    both backward passes and is updated once per step. Returns the loss terms of each micro-step.
     """
-    lc, decoder = cfg.loss, vtp.pixel_decoder
-    with torch.no_grad(), autocast():
-        z = vtp.encode(x)
+    lc, decoder, k = cfg.loss, vtp.pixel_decoder, len(xs)
     gan_on = step >= lc.gan_start
     disc.requires_grad_(False)
-    with autocast():
-        recon = dec(z)
-        rec = rec_loss(recon, x)
-        logits_fake = disc(recon) if gan_on else None
-    g = losses.gan_generator_loss(rec["total"], logits_fake, decoder.proj_out.weight, step, lc.gan_weight,
-                                  lc.gan_start, lc.gan_max_adaptive)
-    (scaler.scale(g["total"]) if scaler else g["total"]).backward()
+    out, recons = [], []
+    for j, x in enumerate(xs):
+        with torch.no_grad(), autocast():
+            z = vtp.encode(x)
+        sync = j == k - 1 or world_size == 1  # all-reduce the decoder's gradients on the last micro-step
+        with contextlib.nullcontext() if sync else dec.no_sync():
+            with autocast():
+                recon = dec(z)
+                rec = rec_loss(recon, x)
+                logits_fake = disc(recon) if gan_on else None
+            g = losses.gan_generator_loss(rec["total"], logits_fake, decoder.proj_out.weight, step, lc.gan_weight,
+                                          lc.gan_start, lc.gan_max_adaptive)
+            loss = g["total"] / k
+            (scaler.scale(loss) if scaler else loss).backward()
+        recons.append(recon.detach())
+        out.append({"l1": rec["l1"], "lpips": rec["lpips"], "gan": g["gan"], "adaptive_weight": g["adaptive_weight"],
+                    "total": g["total"]})
     if scaler:
         scaler.unscale_(opt_g)  # clip the true gradients
-    grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip or float("inf"))
+    out[-1]["grad_norm"] = torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.optim.grad_clip or float("inf"))
     if scaler:
         scaler.step(opt_g)  # skips the step if the fp16 gradients overflowed
     else:
         opt_g.step()
     opt_g.zero_grad(set_to_none=True)
-    terms = {"l1": rec["l1"], "lpips": rec["lpips"], "gan": g["gan"], "adaptive_weight": g["adaptive_weight"],
-             "total": g["total"], "grad_norm": grad_norm}
     if gan_on:
         disc.requires_grad_(True)
-        with autocast():
-            d_loss = losses.hinge_d_loss(disc(x), disc(recon.detach()))
-        (scaler.scale(d_loss) if scaler else d_loss).backward()
+        for x, recon, terms in zip(xs, recons, out):
+            with autocast():
+                d_loss = losses.hinge_d_loss(disc(x), disc(recon))
+            (scaler.scale(d_loss / k) if scaler else d_loss / k).backward()
+            terms["disc"] = d_loss
         for p in disc.parameters():  # average over processes: the discriminator is not DDP-wrapped
             p.grad = all_reduce_sum(p.grad) / world_size
         if scaler:
@@ -483,10 +599,9 @@ def stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg: Co
         else:
             opt_d.step()
         opt_d.zero_grad(set_to_none=True)
-        terms["disc"] = d_loss
     if scaler:
         scaler.update()
-    return terms, recon
+    return out
 
 
 def train_stage2(cfg: Config, rank, world_size, device):
@@ -538,20 +653,20 @@ def train_stage2(cfg: Config, rank, world_size, device):
     preview = fixed_preview_images(cfg).to(device) if rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", dynamic_ncols=True) if rank == 0 else None
     tracker = Tracker(world_size, step)
-    terms = recon = None
+    terms = None
     # nothing in a stage-2 step draws random numbers: encoder in eval mode, no stochastic depth in the decoder
     while step < tc.max_steps:
-        x = data.batch_to_device(next(loader), device)["images"]  # (B, 3, H, W)
-        terms, recon = stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, x, step, cfg, autocast,
-                                   world_size)
-        tracker.add(terms, step + 1)
+        xs = [data.batch_to_device(next(loader), device)["images"] for _ in range(tc.accum_steps)]  # (B, 3, H, W)
+        terms = stage2_step(vtp, dec, disc, rec_loss, opt_g, opt_d, scaler, xs, step, cfg, autocast, world_size)
+        for t in terms:
+            tracker.add(t, step + 1)
         step += 1
         if bar is not None:
             bar.update(1)
 
         last = step == tc.max_steps
         if step % tc.log_every == 0 or last or step % tc.ckpt_every == 0:
-            tracker.log(out_dir, bar, step, tc.max_steps, x.shape[0] * world_size, cfg.optim.stage2_lr)
+            tracker.log(out_dir, bar, step, tc.max_steps, len(xs) * xs[0].shape[0] * world_size, cfg.optim.stage2_lr)
         if rank == 0 and (step % tc.preview_every == 0 or last):
             with torch.no_grad(), autocast():
                 decoder.eval()
@@ -566,7 +681,7 @@ def train_stage2(cfg: Config, rank, world_size, device):
     if bar is not None:
         bar.close()
     export_if_asked(cfg, vtp, tokenizer_state, rank)
-    del dec, terms, recon  # as in stage 1: no DDP wrapper or graph may outlive the process group
+    del dec, terms  # as in stage 1: no DDP wrapper or graph may outlive the process group
     gc.collect()
     return vtp
 

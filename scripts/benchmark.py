@@ -61,7 +61,8 @@ import data  # noqa: E402
 import losses  # noqa: E402
 from model import (VTP, adamw, amp_setup, compile_blocks, parse_config, run_cli, seeded,  # noqa: E402
                    set_grad_checkpointing, swiglu_hidden)
-from pretrain import Student, Teacher, forward_backward, optimizer_step, param_groups, stage2_step  # noqa: E402
+from pretrain import (Student, Teacher, accumulate_gradients, forward_backward, optimizer_step,  # noqa: E402
+                      param_groups, stage2_step)
 
 # -----------------------------------------------------------------------------
 # Stage-1 FLOPs, part by part: 2 FLOPs per multiply-add of every matmul (attention scores and values included).
@@ -239,22 +240,28 @@ def build_stage1(cfg, args, device):
         compile_blocks(student, cfg.run.compile_backend)
         compile_blocks(teacher, cfg.run.compile_backend)
     autocast, scaler = amp_setup(cfg.run.amp, device)
-    batch = synthetic_batch(cfg, device, torch.Generator().manual_seed(0))
+    k = cfg.train.accum_steps  # > 1: k micro-batches per step through accumulate_gradients (cached CLIP gradients)
+    batches = [synthetic_batch(cfg, device, torch.Generator().manual_seed(j)) for j in range(k)]
     loader = data.build_pretrain_loader(cfg, data.build_tokenizer(cfg)) if args.real_data else None
     waits = []  # --real_data: seconds the step waited for its batch
 
     def step():
-        b = batch
+        bs = batches
         if loader is not None:  # the real loader (data.num_workers workers): time the wait for the next batch
             t0 = time.perf_counter()
-            b = data.batch_to_device(next(loader), device)
+            bs = [data.batch_to_device(next(loader), device) for _ in range(k)]
             waits.append(time.perf_counter() - t0)
-        forward_backward(student, teacher, b, 0.07, cfg, autocast, scaler, diagnostics=args.diagnostics)
+        if k == 1:
+            forward_backward(student, teacher, bs[0], 0.07, cfg, autocast, scaler, diagnostics=args.diagnostics)
+        else:
+            accumulate_gradients(student, student, teacher, bs, 0.07, cfg, autocast, scaler, lambda j: None, device,
+                                 diagnostics=args.diagnostics)
         optimizer_step(student, teacher, opt, scaler, cfg, 0.999)
 
     step.waits, step.optimizers = waits, [opt]
-    parts = stage1_flops(cfg, batch["mask_indices"].numel())
-    return step, cfg.data.batch_size, parts, student
+    # model FLOPs: the useful work of k micro-batches (gradient caching's extra CLIP forward is not counted)
+    parts = {name: k * f for name, f in stage1_flops(cfg, batches[0]["mask_indices"].numel()).items()}
+    return step, k * cfg.data.batch_size, parts, student
 
 
 def build_stage2(cfg, args, device):
@@ -280,7 +287,7 @@ def build_stage2(cfg, args, device):
     x = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(0)).to(device)
 
     def step():
-        stage2_step(vtp, decoder, disc, rec_loss, opt_g, opt_d, scaler, x, 0, cfg, autocast)
+        stage2_step(vtp, decoder, disc, rec_loss, opt_g, opt_d, scaler, [x], 0, cfg, autocast)
 
     step.optimizers = [opt_g, opt_d]
     return step, B, None, decoder
@@ -694,9 +701,43 @@ def print_memory_rows(rows, header=False):
               f"{found} | {r['peak_at']}", flush=True)
 
 
+PAPER_BATCH = (16384, 4096, 2048)  # the paper's global CLIP / SSL / reconstruction batch
+PAPER_GPUS = (8, 32, 128)
+
+
+def paper_batch_rows(presets=MEMORY_PRESETS, gpus=PAPER_GPUS, rest=()):
+    """
+    How each preset reaches the paper's batch on W GPUs: 16384/W pairs per GPU (B_ssl, B_rec a quarter and an eighth)
+    as k micro-batches of at most the shipped data.batch_size (train.accum_steps=k, the fewest that divide evenly),
+    and the memory model's peak with DDP of that accumulated step. The count holds all k synthetic micro-batches on
+    the GPU (the training loop moves one at a time), so it overstates the loop by k-1 micro-batches of images.
+    """
+    rows = []
+    for preset in presets:
+        for w in gpus:
+            cfg = parse_config([f"--preset={preset}", *rest])
+            per_gpu = PAPER_BATCH[0] // w
+            k = next(k for k in range(1, per_gpu + 1) if per_gpu % (8 * k) == 0 and per_gpu // k <= cfg.data.batch_size)
+            b = per_gpu // k
+            cfg.data.batch_size, cfg.data.ssl_batch_size, cfg.data.rec_batch_size = b, b // 4, b // 8
+            cfg.train.accum_steps = k
+            rows.append({"preset": preset, "gpus": w, "per_gpu": per_gpu, "micro": b, "accum_steps": k,
+                         "peak_ddp": count_step(cfg, 1, ddp=True)["peak"]})
+            r = rows[-1]
+            print(f"| {preset} | {w} | {per_gpu} / {per_gpu // 4} / {per_gpu // 8} | {b} / {b // 4} / {b // 8} | {k} "
+                  f"| {r['peak_ddp'] / 2 ** 30:.1f} |", flush=True)
+    return rows
+
+
 def memory_main(args, rest):
     """--memory: the table for --preset (or S, B and L), stage 1 and 2, grad checkpointing off and on."""
     presets = [None] if any(a.startswith("--preset") for a in rest) else MEMORY_PRESETS
+    if args.paper_batch:
+        print("the paper's 16384 / 4096 / 2048 on W GPUs: per-GPU batch, micro-batch and train.accum_steps, and the "
+              "memory model's peak of the accumulated stage-1 step with DDP (GiB)\n| preset | GPUs | per GPU (B / "
+              "B_ssl / B_rec) | micro-batch | accum_steps | peak GiB |\n|---|---|---|---|---|---|")
+        chosen = MEMORY_PRESETS if presets == MEMORY_PRESETS else [parse_config(rest).preset]
+        return paper_batch_rows(chosen, rest=[a for a in rest if not a.startswith("--preset")])
     cuda = torch.cuda.is_available() and parse_config(rest).run.device != "cpu"
     print(f"memory model: one training step per GPU, counted on fake tensors under CUDA's bf16 autocast, fused "
           f"AdamW, a log step (SSL entropies), LPIPS as loss.lpips says (S/B/L: on, random weights without the "
@@ -777,6 +818,8 @@ def main(argv=None):
                          "on, and the largest batch below 72 / 127 GiB; counted on the CPU, measured too on CUDA "
                          "(unless --run.device=cpu)")
     ap.add_argument("--no_search", action="store_true", help="--memory: skip the largest-batch search")
+    ap.add_argument("--paper_batch", action="store_true",
+                    help="--memory: the paper's 16k / 4k / 2k batch on 8, 32 and 128 GPUs by gradient accumulation")
     ap.set_defaults(fused_adamw=False, diagnostics=False, meta_init=False)  # the builders' options for count_step
     args, rest = ap.parse_known_args(argv)
     if args.memory:

@@ -257,3 +257,10 @@ def test_memory_cli_prints_the_table(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip().startswith("tiny |")]
     assert len(rows) == 4  # stage 1 and 2, grad checkpointing off and on
+
+
+def test_the_paper_batch_table_accumulates_micro_batches_of_the_shipped_size():
+    # 128 GPUs x 128 pairs: the tiny preset's shipped batch is 64, so two micro-steps of 64 / 16 / 8
+    (row,) = benchmark.paper_batch_rows(["tiny"], gpus=(128,))
+    assert (row["per_gpu"], row["micro"], row["accum_steps"]) == (128, 64, 2)
+    assert row["peak_ddp"] > 0

@@ -250,9 +250,9 @@ def test_resume_gives_identical_losses_and_parameters(tmp_path):
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
-    # AE only: the loss is a mean over images, so 2 micro-steps of 4 images (the loader's next 8 samples) give the
-    # gradient of one step on those 8 images. (CLIP would not: its negatives are per micro-batch.)
-    common = SMALL + ["--loss.lambda_clip=0", "--loss.lambda_ssl=0", "--train.max_steps=2", "--train.ckpt_every=1",
+    # CLIP + AE through the training loop: 2 micro-steps of 4 pairs (the loader's next 8 samples) give the update of
+    # one step on those 8 (CLIP by cached gradients over both; tests/test_accumulation.py checks every objective).
+    common = SMALL + ["--loss.lambda_ssl=0", "--train.max_steps=2", "--train.ckpt_every=1",
                       "--optim.eps=1.0", "--optim.lr=0.1", "--optim.lr_ref_batch=8"]
     run(tmp_path / "accum", *common, "--data.batch_size=4", "--data.rec_batch_size=4", "--data.ssl_batch_size=4",
         "--train.accum_steps=2")
@@ -261,8 +261,12 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     b = torch.load(tmp_path / "big" / "ckpt_0000002.pt", weights_only=True)["model"]
     a1 = torch.load(tmp_path / "accum" / "ckpt_0000001.pt", weights_only=True)["model"]
     assert not torch.equal(a1["pixel_decoder.proj_out.weight"], a["pixel_decoder.proj_out.weight"]), "it trained"
+    assert not torch.equal(a1["text_projection"], a["text_projection"]), "CLIP trained"
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    ma, mb = metrics(tmp_path / "accum"), metrics(tmp_path / "big")
+    for ra, rb in zip(ma, mb):  # the logged losses are the big batch's too
+        assert ra["clip"] == pytest.approx(rb["clip"], rel=1e-5) and ra["total"] == pytest.approx(rb["total"], rel=1e-5)
 
 
 # --- DDP ---

@@ -88,7 +88,8 @@ def test_the_held_back_slice_is_announced_once(tmp_path, capsys):
     """build_tokenizer and build_pretrain_loader both build the training view: one log line per process."""
     pattern = make_jpeg_shards(tmp_path, n=6)
     cfg = parse_config(["--data.dataset=tar", f"--data.path={pattern}", "--data.holdout=4", "--data.batch_size=2",
-                        "--data.ssl_batch_size=1", "--data.rec_batch_size=1", "--text.vocab_size=300"])
+                        "--data.ssl_batch_size=1", "--data.rec_batch_size=1", "--text.vocab_size=300",
+                        "--loss.koleo_weight=0"])
     data.build_pretrain_loader(cfg, data.build_tokenizer(cfg))
     data.build_dataset(cfg, "train")
     assert capsys.readouterr().err.count("held back for validation") == 1
