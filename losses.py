@@ -130,28 +130,58 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iters=3, weights=None):
     ranks may hold different N (the total is all-reduced). weights: optional (N,); rows of weight 0 are padding
     (the static-shape iBOT token list) and take no part: their rows come back 0. Returns (N, K) fp32: every real
     row sums to 1 and, as the iterations converge, every prototype gets the same total mass N_total/K over the
-    global batch of real rows.
+    global batch of real rows. (`SinkhornKnopp` does the same over several chunks of rows.)
+    """
+    return SinkhornKnopp([teacher_logits], teacher_temp, n_iters, [weights]).probs(0)
+
+
+class SinkhornKnopp:
+    """
+    Sinkhorn-Knopp over the rows of several chunks of teacher logits (the micro-batches of an accumulated step) and
+    of all processes, as if they were one (N_total, K) matrix. Held as scalings, p_nk = e_nk·a_k·b_n·N_total with
+    e = exp((logits − global max)/τ): each pass recomputes one chunk's e, so the whole matrix never exists and the
+    memory is the chunks' logits plus one chunk's temporaries. `probs(j)`: chunk j's (N_j, K) targets, fp32.
+    weights: per chunk, None or (N_j,) with 0 on padding rows (they come back 0).
     Assumes bounded logits (the DINO head gives cosines in [-1, 1]), so exp cannot underflow a whole prototype.
     """
-    with _fp32(teacher_logits):
-        logits = teacher_logits.float()
-        if weights is not None:  # padding rows -> -inf: exp gives them exactly 0 mass
-            logits = torch.where(weights[:, None] > 0, logits, float("-inf"))
-        n_total = all_reduce_sum(torch.isfinite(logits[:, 0]).sum().float())
-        if logits.numel() > 0:
-            local_max = logits.max()
-        else:
-            local_max = torch.tensor(float("-inf"), device=logits.device)
-        # Shift by the global max for stability: a shift common to all ranks cancels in the normalization.
-        q = torch.exp((logits - all_reduce_max(local_max)) / teacher_temp).t()  # (K, N)
-        num_prototypes = q.shape[0]
-        q /= all_reduce_sum(q.sum())
-        for _ in range(n_iters):
-            q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # (K, 1): every prototype gets mass 1/K ...
-            q /= num_prototypes
-            q /= q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)  # ... every real sample 1/N_total
-            q /= n_total
-        return (q * n_total).t()  # (N, K), real rows sum to 1
+
+    @torch.no_grad()
+    def __init__(self, logits, teacher_temp, n_iters=3, weights=None):
+        with _fp32(logits[0]):
+            self.logits, self.temp = [t.float() for t in logits], teacher_temp
+            weights = weights or [None] * len(logits)
+            self.valid = [torch.ones(t.shape[0], dtype=torch.bool, device=t.device) if w is None else w > 0
+                          for t, w in zip(self.logits, weights)]  # (N_j,) real rows
+            n_total = all_reduce_sum(sum(v.sum() for v in self.valid).float())
+            local_max = torch.stack([torch.where(v, t.amax(dim=1), float("-inf")).max() if t.numel() else
+                                     t.new_tensor(float("-inf")) for t, v in zip(self.logits, self.valid)]).max()
+            self.shift = all_reduce_max(local_max)  # a shift common to all ranks cancels in the normalization
+            self.b = [v.float() for v in self.valid]  # (N_j,) row scalings; 0 on padding rows keeps them at 0
+            rows = all_reduce_sum(sum(b @ self._exp(j) for j, b in enumerate(self.b)))  # (K,) Σ_n e_nk b_n
+            num_prototypes = rows.shape[0]
+            self.a = torch.full_like(rows, 1.0) / rows.sum()  # (K,): the matrix sums to 1
+            for it in range(n_iters):
+                self.a /= self.a * rows * num_prototypes  # every prototype gets mass 1/K ...
+                rows = 0.0
+                for j in range(len(self.logits)):  # ... every real sample 1/N_total; one e per chunk and iteration
+                    e = self._exp(j)
+                    cols = self.b[j] * (e @ self.a)  # (N_j,)
+                    self.b[j] /= cols.clamp_min(torch.finfo(cols.dtype).tiny) * n_total
+                    if it + 1 < n_iters:
+                        rows = rows + self.b[j] @ e  # the next iteration's prototype masses
+                if it + 1 < n_iters:
+                    rows = all_reduce_sum(rows)
+            self.n_total = n_total
+
+    def _exp(self, j):
+        """e of chunk j: (N_j, K) fp32, 0 on padding rows."""
+        e = (self.logits[j] - self.shift).div_(self.temp).exp_()
+        return e.masked_fill_(~self.valid[j][:, None], 0.0)
+
+    @torch.no_grad()
+    def probs(self, j):
+        with _fp32(self.logits[j]):
+            return self._exp(j).mul_(self.a).mul_(self.b[j][:, None] * self.n_total)  # (N_j, K), real rows sum to 1
 
 
 class TeacherCentering(nn.Module):
@@ -170,26 +200,40 @@ class TeacherCentering(nn.Module):
     def forward(self, teacher_logits, teacher_temp, weights=None):
         """teacher_logits (N, K) -> (N, K) fp32 probabilities with the current centre; then updates the centre from
         the rows whose `weights` (N,) is > 0 (all rows without weights; weight 0 marks padding)."""
-        with _fp32(teacher_logits):
-            logits = teacher_logits.float()
-            probs = F.softmax((logits - self.center) / teacher_temp, dim=-1)  # (N, K)
-            self.update(logits, weights)
-        return probs
+        return self.targets([teacher_logits], teacher_temp, [weights])[0]()
+
+    @torch.no_grad()
+    def targets(self, logits, teacher_temp, weights=None):
+        """Several chunks of logits (the micro-batches of an accumulated step) at once: the centre is updated once,
+        from all of them; `targets(...)[j]()` gives chunk j's probabilities with the centre from before the update,
+        computed when asked (so only the logits are held)."""
+        center = self.center.clone()  # (1, K)
+        self.update(logits, weights)
+
+        def probs(t):
+            with _fp32(t):
+                return F.softmax((t.float() - center) / teacher_temp, dim=-1)  # (N_j, K)
+        return [lambda t=t: probs(t) for t in logits]
 
     @torch.no_grad()
     def update(self, teacher_logits, weights=None):
-        """EMA of the global batch mean of teacher_logits (N, K) over the real rows (weights > 0); a batch with no
-        real row anywhere keeps the centre."""
-        logits = teacher_logits.float()
-        if weights is not None:
-            valid = (weights > 0).float()  # (N,)
-            stats = torch.cat([valid @ logits, valid.sum().reshape(1)])  # (K + 1,): sums and count
-        else:
-            stats = torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])])  # (K + 1,): sums and count
-        stats = all_reduce_sum(stats)  # one collective for both
+        """EMA of the global batch mean of teacher_logits (N, K), or of a list of such chunks, over the real rows
+        (weights > 0); a batch with no real row anywhere keeps the centre."""
+        chunks = teacher_logits if isinstance(teacher_logits, (list, tuple)) else [teacher_logits]
+        weights = weights if isinstance(weights, (list, tuple)) else [weights] * len(chunks)
+        stats = all_reduce_sum(sum(self._sums(t, w) for t, w in zip(chunks, weights)))  # one collective for all
         batch_mean, count = stats[:-1].unsqueeze(0), stats[-1]  # (1, K), ()
         new = self.momentum * self.center + (1 - self.momentum) * batch_mean / count.clamp_min(1)
         self.center.copy_(torch.where(count > 0, new, self.center))  # no host sync
+
+    @staticmethod
+    def _sums(teacher_logits, weights):
+        """(K + 1,): the sums of the real rows of (N, K) logits and their count."""
+        logits = teacher_logits.float()
+        if weights is not None:
+            valid = (weights > 0).float()  # (N,)
+            return torch.cat([valid @ logits, valid.sum().reshape(1)])
+        return torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])])
 
 
 # -----------------------------------------------------------------------------

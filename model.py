@@ -843,7 +843,9 @@ def _from_dict(cls, d):
 def _released_preset(name, width, depth, heads, drop_path_ssl, batch):
     """S/B/L as released (Method §2-4): 256 px, patch 16, f16d64, CLIP text tower, decoder mirrors the encoder.
     batch: the per-GPU CLIP batch B (B_ssl = B/4, B_rec = B/8 as in the paper's 16k / 4k / 2k), chosen with
-    `scripts/benchmark.py --memory` to stay below 72 GiB of an 80 GiB GPU with checkpointing on, as is stage 2's."""
+    `scripts/benchmark.py --memory` to stay below 72 GiB of an 80 GiB GPU with checkpointing on, as is stage 2's.
+    The paper's batch itself on W GPUs: --data.batch_size=16384/(W·k) (and /4, /8) with --train.accum_steps=k, exact
+    (README "Scaling up": 8 GPUs k=4 at 512 per micro-batch; 32 GPUs 512 and 128 GPUs 128 with k=1)."""
     c = Config(preset=name)
     c.encoder = EncoderConfig(image_size=256, patch_size=16, width=width, depth=depth, num_heads=heads,
                               latent_dim=64, drop_path_ssl=drop_path_ssl)

@@ -193,7 +193,8 @@ class Teacher(nn.Module):
         """Teacher probabilities {"cls": (2B, K), "patches": (M, K)} for the student's masked positions, given as
         the batch's `mask_indices` (flat indices into the (2B, N) masks, padded to a fixed M; `mask_weight` 0 marks
         the padding, which takes no part in Sinkhorn-Knopp or the centre)."""
-        return self.targets(*self.logits(global_crops, mask_indices), temp, mask_weight)
+        t_cls, t_patch = self.logits(global_crops, mask_indices)
+        return self.targets([t_cls], [t_patch], temp, [mask_weight])[0]()
 
     @torch.no_grad()
     def logits(self, global_crops, mask_indices):
@@ -206,14 +207,18 @@ class Teacher(nn.Module):
         return logits[:cls.shape[0]], logits[cls.shape[0]:]
 
     @torch.no_grad()
-    def targets(self, t_cls, t_patch, temp, mask_weight=None):
-        """Logits -> probabilities by Sinkhorn-Knopp over all of their rows (and all processes), or by the centre
-        (then updated once from all of them)."""
+    def targets(self, t_cls, t_patch, temp, mask_weight):
+        """Lists of logits, one entry per micro-batch, normalized together: Sinkhorn-Knopp over all of their rows
+        (and all processes), or the centre (then updated once from all of them). Returns one function per
+        micro-batch giving its {"cls", "patches"} probabilities when called: only the logits are held meanwhile."""
         if self.loss_cfg.teacher_norm == "sinkhorn":
             n_iters = self.loss_cfg.sinkhorn_iters
-            return {"cls": losses.sinkhorn_knopp(t_cls, temp, n_iters),
-                    "patches": losses.sinkhorn_knopp(t_patch, temp, n_iters, mask_weight)}
-        return {"cls": self.center_cls(t_cls, temp), "patches": self.center_patch(t_patch, temp, mask_weight)}
+            cls = losses.SinkhornKnopp(t_cls, temp, n_iters)
+            patches = losses.SinkhornKnopp(t_patch, temp, n_iters, mask_weight)
+            return [lambda j=j: {"cls": cls.probs(j), "patches": patches.probs(j)} for j in range(len(t_cls))]
+        cls = self.center_cls.targets(t_cls, temp)
+        patches = self.center_patch.targets(t_patch, temp, mask_weight)
+        return [lambda c=c, p=p: {"cls": c(), "patches": p()} for c, p in zip(cls, patches)]
 
 
 TEXT_TOWER = ("token_embedding", "positional_embedding", "text_transformer", "ln_final", "text_projection")
@@ -315,7 +320,8 @@ def accumulate_gradients(model, student, teacher, batches, temp, cfg: Config, au
         sync = j == k - 1 or student.world_size == 1  # all-reduce gradients on the last micro-step
         with contextlib.nullcontext() if sync else model.no_sync():
             with autocast():
-                terms, _ = model(batch, probs[j], generators(j), diagnostics, cache[j])
+                targets = probs[j]() if probs[j] else None  # this micro-batch's share of the teacher's targets
+                terms, _ = model(batch, targets, generators(j), diagnostics, cache[j])
             loss = terms["total"] / k + terms.pop("cached", 0.0)
             (scaler.scale(loss) if scaler else loss).backward()
         out.append(terms)
@@ -325,19 +331,17 @@ def accumulate_gradients(model, student, teacher, batches, temp, cfg: Config, au
 @torch.no_grad()
 def teacher_targets(teacher, batches, temp, autocast, device):
     """The teacher's targets for every micro-batch of `batches`, normalized together (Sinkhorn-Knopp over all their
-    rows, or one centre update from all of them): [{"cls", "patches"}] per micro-batch."""
-    logits, weights = [], []
+    rows, or one centre update from all of them): one function per micro-batch giving its {"cls", "patches"}."""
+    t_cls, t_patch, weights = [], [], []
     for batch in batches:
         b = data.batch_to_device({key: batch[key] for key in ("global_crops", "mask_indices", "mask_weight")}, device)
         with autocast():
-            logits.append(teacher.logits(b["global_crops"], b["mask_indices"]))
+            c, p = teacher.logits(b["global_crops"], b["mask_indices"])
+        t_cls.append(c)
+        t_patch.append(p)
         weights.append(b["mask_weight"])
     with autocast():
-        probs = teacher.targets(torch.cat([c for c, _ in logits]), torch.cat([p for _, p in logits]), temp,
-                                torch.cat(weights))
-    cls = probs["cls"].split([c.shape[0] for c, _ in logits])
-    patches = probs["patches"].split([p.shape[0] for _, p in logits])
-    return [{"cls": c, "patches": p} for c, p in zip(cls, patches)]
+        return teacher.targets(t_cls, t_patch, temp, weights)
 
 
 def clip_gradient_cache(student, batches, cfg: Config, autocast, generators, device):

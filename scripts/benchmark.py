@@ -708,21 +708,27 @@ PAPER_GPUS = (8, 32, 128)
 def paper_batch_rows(presets=MEMORY_PRESETS, gpus=PAPER_GPUS, rest=()):
     """
     How each preset reaches the paper's batch on W GPUs: 16384/W pairs per GPU (B_ssl, B_rec a quarter and an eighth)
-    as k micro-batches of at most the shipped data.batch_size (train.accum_steps=k, the fewest that divide evenly),
-    and the memory model's peak with DDP of that accumulated step. The count holds all k synthetic micro-batches on
-    the GPU (the training loop moves one at a time), so it overstates the loop by k-1 micro-batches of images.
+    as k micro-batches of at most the shipped data.batch_size (train.accum_steps=k: the fewest that divide evenly and
+    whose step the memory model with DDP counts below LIMITS_GIB[0]), with that peak. The count holds all k synthetic
+    micro-batches on the GPU (the training loop moves one at a time), so it overstates the loop by k-1 micro-batches
+    of images.
     """
     rows = []
     for preset in presets:
         for w in gpus:
-            cfg = parse_config([f"--preset={preset}", *rest])
             per_gpu = PAPER_BATCH[0] // w
-            k = next(k for k in range(1, per_gpu + 1) if per_gpu % (8 * k) == 0 and per_gpu // k <= cfg.data.batch_size)
-            b = per_gpu // k
-            cfg.data.batch_size, cfg.data.ssl_batch_size, cfg.data.rec_batch_size = b, b // 4, b // 8
-            cfg.train.accum_steps = k
+            for k in range(1, per_gpu // 8 + 1):
+                cfg = parse_config([f"--preset={preset}", *rest])
+                b = per_gpu // k
+                if per_gpu % (8 * k) or b > cfg.data.batch_size:
+                    continue
+                cfg.data.batch_size, cfg.data.ssl_batch_size, cfg.data.rec_batch_size = b, b // 4, b // 8
+                cfg.train.accum_steps = k
+                peak = count_step(cfg, 1, ddp=True)["peak"]
+                if peak < LIMITS_GIB[0] * 2 ** 30:
+                    break
             rows.append({"preset": preset, "gpus": w, "per_gpu": per_gpu, "micro": b, "accum_steps": k,
-                         "peak_ddp": count_step(cfg, 1, ddp=True)["peak"]})
+                         "peak_ddp": peak})
             r = rows[-1]
             print(f"| {preset} | {w} | {per_gpu} / {per_gpu // 4} / {per_gpu // 8} | {b} / {b // 4} / {b // 8} | {k} "
                   f"| {r['peak_ddp'] / 2 ** 30:.1f} |", flush=True)
@@ -737,7 +743,8 @@ def memory_main(args, rest):
               "memory model's peak of the accumulated stage-1 step with DDP (GiB)\n| preset | GPUs | per GPU (B / "
               "B_ssl / B_rec) | micro-batch | accum_steps | peak GiB |\n|---|---|---|---|---|---|")
         chosen = MEMORY_PRESETS if presets == MEMORY_PRESETS else [parse_config(rest).preset]
-        return paper_batch_rows(chosen, rest=[a for a in rest if not a.startswith("--preset")])
+        gpus = tuple(int(w) for w in args.gpus.split(","))
+        return paper_batch_rows(chosen, gpus, rest=[a for a in rest if not a.startswith("--preset")])
     cuda = torch.cuda.is_available() and parse_config(rest).run.device != "cpu"
     print(f"memory model: one training step per GPU, counted on fake tensors under CUDA's bf16 autocast, fused "
           f"AdamW, a log step (SSL entropies), LPIPS as loss.lpips says (S/B/L: on, random weights without the "
@@ -819,7 +826,8 @@ def main(argv=None):
                          "(unless --run.device=cpu)")
     ap.add_argument("--no_search", action="store_true", help="--memory: skip the largest-batch search")
     ap.add_argument("--paper_batch", action="store_true",
-                    help="--memory: the paper's 16k / 4k / 2k batch on 8, 32 and 128 GPUs by gradient accumulation")
+                    help="--memory: the paper's 16k / 4k / 2k batch on --gpus GPUs by gradient accumulation")
+    ap.add_argument("--gpus", default="8,32,128", help="--memory --paper_batch: numbers of GPUs")
     ap.set_defaults(fused_adamw=False, diagnostics=False, meta_init=False)  # the builders' options for count_step
     args, rest = ap.parse_known_args(argv)
     if args.memory:
@@ -867,8 +875,10 @@ def main(argv=None):
           f"compile {args.compile} | lpips {lpips} | params {n_params / 1e6:.1f}M")
     if args.what == "stage1":
         d = cfg.data
+        k = cfg.train.accum_steps  # the counter also sees gradient caching's extra CLIP forward (not model FLOPs)
         print(f"batch B={d.batch_size} B_ssl={d.ssl_batch_size} B_rec={d.rec_batch_size} local crops "
-              f"{d.num_local_crops}x{data.local_crop_size(cfg)}px | image {cfg.encoder.image_size}px")
+              f"{d.num_local_crops}x{data.local_crop_size(cfg)}px | image {cfg.encoder.image_size}px"
+              + (f" | {k} micro-batches per step (train.accum_steps)" if k > 1 else ""))
         for k, v in parts.items():
             print(f"  {k:24s} {v / 1e12:9.3f} TFLOP  {100 * v / flops:5.1f}%")
         print(f"  {'total (written out)':24s} {flops / 1e12:9.3f} TFLOP | torch.utils.flop_counter: "
