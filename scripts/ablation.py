@@ -387,7 +387,7 @@ def main(argv):
     o["same"] = [f"--eval.num_images={o['eval_images']}", f"--eval.judge_dir={o['judge_dir']}",
                  f"--eval.judge_images={o['judge_images']}"]  # every evaluation: the same images and the same judge
     # the loss ablation follows each DiT's training (1/8 ... 1 of its steps), the scaling study only its end
-    fractions = (1,) if opts["scaling"] else CONVERGENCE
+    fractions = (1,) if opts["scaling"] else (1 / 2, 1) if opts["quick"] else CONVERGENCE
     o["curve_at"] = sorted({max(1, round(f * o["dit_steps"])) for f in fractions})
     o["dit_ckpt_every"] = math.gcd(*o["curve_at"])  # a checkpoint at every evaluated step
     log = os.path.join(out, "log.txt")

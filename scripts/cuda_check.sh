@@ -51,6 +51,10 @@ part_bench() {
   bench sample_B --what=sample --preset=B --dit_model=B --batch=128 --steps=1 --warmup=1
   bench sample_XL --what=sample --preset=B --dit_model=XL --batch=128 --steps=1 --warmup=0
   bench fid --what=fid --batch=250 --run.amp=fp32
+  # exact gradient accumulation: 4 micro-batches of 128 with cached CLIP gradients against one batch of 512
+  bench s1_S_accum4 --preset=S --run.amp=bf16 --data.batch_size=128 --data.ssl_batch_size=32 \
+    --data.rec_batch_size=16 --train.accum_steps=4
+  bench s1_S_512 --preset=S --run.amp=bf16 --data.batch_size=512 --data.ssl_batch_size=128 --data.rec_batch_size=64
 }
 
 part_compile() {
@@ -64,6 +68,7 @@ part_compile() {
 part_memory() {  # the memory model's table next to max_memory_allocated of real steps at the shipped batches
   echo "=== memory"
   timeout "$T" $py scripts/benchmark.py --memory > "$out/memory.log" 2>&1
+  timeout "$T" $py scripts/benchmark.py --memory --paper_batch --gpus=8 >> "$out/memory.log" 2>&1
   echo "    rc=$?"; tail -n 30 "$out/memory.log"
   { echo "## memory"; cat "$out/memory.log"; } >> "$out/summary.txt"
 }
