@@ -205,7 +205,8 @@ def results_table(rows):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         wall = "?" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f} min"
-        lines.append(f"| {r.get('label', r['name'])} | {r['steps']} | {r['flops'] / 1e9:.0f} | {fmt(r['probe'])}% | {fmt(r['knn'])}% "
+        lines.append(f"| {r.get('label', r['name'])} | {r['steps']} | {r['flops'] / 1e9:.0f} | {fmt(r['probe'])}% "
+                     f"| {fmt(r['knn'])}% "
                      f"| {fmt(r['zero_shot'])}{'%' if r['zero_shot'] is not None else ''} | {r['psnr']:.2f} dB "
                      f"| {r['rfd']:.3f} | {100 * r['judge_acc_cfg1']:.1f}% / {100 * r['judge_acc_cfg4']:.1f}% "
                      f"| {r['gfd_cfg1']:.3f} / {r['gfd_cfg4']:.3f} | {wall} |")

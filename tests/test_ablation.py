@@ -81,7 +81,8 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
         assert not os.path.isabs(r["grid"]) and os.path.isfile(os.path.join(out, r["grid"]))
     md = open(os.path.join(out, "results.md")).read()
     assert all(f"| {v} |" in md for v in ablation.VARIANTS)
-    for png in ("probe_vs_gfd.png", "probe_vs_gfd_cfg4.png", "convergence.png", "convergence_cfg4.png"):  # one plot per guidance scale, both in results.md
+    # one plot per guidance scale and measure, each in results.md
+    for png in ("probe_vs_gfd.png", "probe_vs_gfd_cfg4.png", "convergence.png", "convergence_cfg4.png"):
         assert os.path.isfile(os.path.join(out, png)) and f"({png})" in md
     assert all(r["seconds"] > 0 for r in rows) and "| ? |" not in md
     # Resumable: a finished study re-runs nothing; a lost result is redone alone, and its unit's time grows by the
