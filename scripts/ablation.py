@@ -181,7 +181,7 @@ def variance_unit(base, folder, seed, o, log):
     dit_dir = os.path.join(folder, f"dit_seed{seed}")
     row = timed(dit_dir, log, lambda: dit_unit(dit_dir, os.path.join(folder, f"ckpt_{base['steps']:07d}.pt"), o, log,
                                                seed=seed))
-    keep = ("name", "steps", "flops", "probe", "knn", "psnr", "rfd", "zero_shot", "config")
+    keep = ("name", "steps", "flops", "probe", "knn", "psnr", "rfd", "zero_shot", "commit", "config")
     return {**{k: base[k] for k in keep}, **row, "label": f"{base['name']}, DiT seed {seed}", "dit_seed": seed}
 
 
