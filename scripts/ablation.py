@@ -6,6 +6,7 @@ Figure 1: VTP keeps improving with stage-1 compute, a reconstruction-only AE doe
     python scripts/ablation.py                   # AE, CLIP+AE, SSL+AE, CLIP+SSL+AE at equal stage-1 steps
     python scripts/ablation.py --scaling         # AE and CLIP+SSL+AE at 1x, 3x, 9x the stage-1 steps
     python scripts/ablation.py --quick           # a few steps of everything (the test runs this)
+    python scripts/ablation.py --report --out=scripts/results/ablation   # redraw results.md and plots, run nothing
 
 The loss ablation also measures how fast the DiT converges on each tokenizer (the paper's "x times faster"):
 gFD_judge of the same DiT after 1/8, 1/4, 1/2 and all of its steps, with and without guidance, and the DiT steps each
@@ -292,35 +293,55 @@ def unit_record(folder, flags, steps):
         return json.load(f)
 
 
-def line_plot(path, series, xlabel, ylabel, title, logx=False, size=(640, 420)):
-    """A scatter/line plot of {name: [(x, y), ...]} (points joined in x order) with axes, ticks and a legend."""
+def nice_ticks(lo, hi, log=False):
+    """Round tick values inside [lo, hi]: 1-2-5 steps, or on a log axis 1, 2, 5 x 10^k (every digit if too few, and
+    the linear ticks on an axis too short for three)."""
+    if log:
+        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+            ticks = [m * 10 ** e for e in decades for m in mantissas if lo <= m * 10 ** e <= hi]
+            if len(ticks) >= 3:
+                return ticks if len(ticks) <= 8 else ticks[::math.ceil(len(ticks) / 8)]
+    raw = (hi - lo) / 5
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda v: abs(v - raw))
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def tick_label(v):
+    return f"{v:.0e}".replace("e+", "e") if abs(v) >= 1e5 else f"{v:g}"
+
+
+def line_plot(path, series, xlabel, ylabel, title, logx=False, logy=False, xticks=None, size=(640, 420)):
+    """A scatter/line plot of {name: [(x, y), ...]} (points joined in x order) with axes, ticks (round values, or
+    `xticks`) and a legend."""
     W, H = size
     left, right, top, bottom = 70, 20, 40, 60
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    font = plot_font()
     pts = [(x, y) for s in series.values() for x, y in s]
     tx = (lambda x: math.log10(x)) if logx else (lambda x: x)
-    xs, ys = [tx(x) for x, _ in pts], [y for _, y in pts]
+    ty = (lambda y: math.log10(y)) if logy else (lambda y: y)
+    xs, ys = [tx(x) for x, _ in pts], [ty(y) for _, y in pts]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     pad_x, pad_y = (x1 - x0) * 0.08 or 1.0, (y1 - y0) * 0.1 or 1.0
     x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
     px = lambda x: left + (tx(x) - x0) / (x1 - x0) * (W - left - right)  # noqa: E731
-    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)  # noqa: E731
+    py = lambda y: H - bottom - (ty(y) - y0) / (y1 - y0) * (H - top - bottom)  # noqa: E731
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k in range(5):  # ticks
-        yv = y0 + (y1 - y0) * k / 4
+    back = (lambda v: 10 ** v) if logy else (lambda v: v)
+    for yv in nice_ticks(back(y0), back(y1), logy):
         draw.line([left - 4, py(yv), left, py(yv)], fill="black")
-        draw.text((5, py(yv) - 6), f"{yv:.3g}", fill="black", font=font)
-        xv = x0 + (x1 - x0) * k / 4
-        label = f"{10 ** xv:.2g}" if logx else f"{xv:.3g}"
-        xp = left + (xv - x0) / (x1 - x0) * (W - left - right)
-        draw.line([xp, H - bottom, xp, H - bottom + 4], fill="black")
-        draw.text((xp - 15, H - bottom + 8), label, fill="black", font=font)
-    draw.text((W / 2 - 3 * len(xlabel), H - 25), xlabel, fill="black", font=font)
+        draw.text((left - 8, py(yv)), tick_label(yv), fill="black", font=font, anchor="rm")
+    back = (lambda v: 10 ** v) if logx else (lambda v: v)
+    for xv in xticks or nice_ticks(back(x0), back(x1), logx):
+        draw.line([px(xv), H - bottom, px(xv), H - bottom + 4], fill="black")
+        draw.text((px(xv), H - bottom + 8), tick_label(xv), fill="black", font=font, anchor="mt")
+    draw.text((W / 2, H - 22), xlabel, fill="black", font=font, anchor="mm")
     draw.text((5, 10), ylabel, fill="black", font=font)
-    draw.text((W / 2 - 3 * len(title), 10), title, fill="black", font=font)
+    draw.text((W / 2, 18), title, fill="black", font=font, anchor="mm")
+    lx = W - right - 20 - max(draw.textlength(name, font=font) for name in series)  # the legend, inside the frame
     for i, (name, s) in enumerate(series.items()):
         color = COLORS.get(name, (0, 0, 0))
         s = sorted(s)
@@ -328,15 +349,23 @@ def line_plot(path, series, xlabel, ylabel, title, logx=False, size=(640, 420)):
             draw.line([(px(x), py(y)) for x, y in s], fill=color, width=2)
         for x, y in s:
             draw.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill=color)
-        draw.rectangle([W - right - 120, top + 8 + 14 * i, W - right - 110, top + 18 + 14 * i], fill=color)
-        draw.text((W - right - 105, top + 6 + 14 * i), name, fill="black", font=font)
+        draw.rectangle([lx - 15, top + 8 + 16 * i, lx - 5, top + 18 + 16 * i], fill=color)
+        draw.text((lx, top + 13 + 16 * i), name, fill="black", font=font, anchor="lm")
     img.save(path)
     return path
 
 
+def plot_font():
+    try:
+        return ImageFont.load_default(size=13)  # Pillow >= 10.1: a scalable font with readable spaces
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def grids_side_by_side(path, rows):
     """The last sample grid of each DiT, side by side under its tokenizer's name."""
-    grids = [(r["name"], Image.open(r["grid"]).convert("RGB")) for r in rows if r.get("grid")]
+    grids = [(r["name"], Image.open(r["grid"]).convert("RGB")) for r in rows
+             if r.get("grid") and os.path.isfile(r["grid"])]
     if not grids:
         return None
     h = max(g.height for _, g in grids) + 20
@@ -344,7 +373,7 @@ def grids_side_by_side(path, rows):
     x = 0
     draw = ImageDraw.Draw(out)
     for name, g in grids:
-        draw.text((x + 2, 4), name, fill="black", font=ImageFont.load_default())
+        draw.text((x + 2, 4), name, fill="black", font=plot_font())
         out.paste(g, (x, 20))
         x += g.width + 10
     out.save(path)
@@ -354,8 +383,12 @@ def grids_side_by_side(path, rows):
 # -----------------------------------------------------------------------------
 
 
+OPTIONS = {"quick": False, "scaling": False, "report": False, "out": "", "steps": 0, "dit_steps": 0, "num_gen": 256,
+           "gen_steps": 50}
+
+
 def parse_args(argv):
-    opts = {"quick": False, "scaling": False, "out": "", "steps": 0, "dit_steps": 0, "num_gen": 256, "gen_steps": 50}
+    opts = dict(OPTIONS)
     rest = []
     for a in argv:
         key, eq, val = a[2:].partition("=")
@@ -373,6 +406,8 @@ def main(argv):
     if base.data.dataset != "builtin":
         raise ConfigError("the study needs the built-in data: its judge knows only the built-in scenes")
     out = opts["out"] or os.path.join(ROOT, "runs", "scaling" if opts["scaling"] else "ablation")
+    if opts["report"]:
+        return report_only(out)
     os.makedirs(out, exist_ok=True)
     o = {"eval_images": 1000, "judge_images": 20_000, "judge_dir": os.path.join(out, "judge"), "dit_flags": []}
     o.update(num_gen=opts["num_gen"], gen_steps=opts["gen_steps"])
@@ -417,6 +452,17 @@ def main(argv):
     return rows
 
 
+def report_only(out):
+    """Redraw results.md and the plots of the study in `out` from its results.json, running nothing."""
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    rows = [{**r, "grid": r["grid"] and os.path.join(out, r["grid"])} for r in saved["rows"]]
+    opts = {**OPTIONS, **saved["options"]}
+    argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in opts.items() if v != OPTIONS[k]] + saved["flags"]
+    write_report(out, rows, opts, argv)
+    return rows
+
+
 def write_results(out, rows, opts, argv, flags, t0):
     """results.json (rows with their commit and config), results.md (tables, plots) and the PNGs, from the rows so
     far."""
@@ -424,6 +470,11 @@ def write_results(out, rows, opts, argv, flags, t0):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"commit": git_commit(), "rows": portable, "wall_s": time.time() - t0,
                    "units_s": sum(r["seconds"] or 0 for r in rows), "options": opts, "flags": flags}, f, indent=2)
+    write_report(out, rows, opts, argv)
+
+
+def write_report(out, rows, opts, argv):
+    """results.md and its plots from the rows (`--report` redraws them from a finished study's results.json)."""
     units = [r for r in rows if "dit_seed" not in r]
     md = [f"# {'Tokenizer scaling' if opts['scaling'] else 'Loss ablation'} in miniature", "",
           f"`python scripts/ablation.py {' '.join(argv)}`", "", results_table(rows), ""]
@@ -433,7 +484,8 @@ def write_results(out, rows, opts, argv, flags, t0):
             series = {v: [(r["flops"], r[key]) for r in units if r["name"] == v] for v in SCALING_VARIANTS}
             series = {v: pts for v, pts in series.items() if pts}
             name = line_plot(os.path.join(out, f"scaling{suffix}.png"), series, "stage-1 training FLOPs (log scale)",
-                             f"gFD_judge (cfg {scale:g})", "generation vs tokenizer compute", logx=True)
+                             f"gFD_judge (cfg {scale:g}, log scale)", "generation vs tokenizer compute", logx=True,
+                             logy=True)
             md.append(f"![scaling, guidance {scale:g}]({os.path.basename(name)})")
         else:
             series = {r["name"]: [(r["probe"], r[key])] for r in units}
@@ -446,9 +498,11 @@ def write_results(out, rows, opts, argv, flags, t0):
             suffix = "" if scale == 1 else f"_cfg{scale:g}"
             series = {r.get("label", r["name"]): [(at, gfd) for at, gfd, _ in r["curve"][f"{scale:g}"]] for r in rows}
             name = line_plot(os.path.join(out, f"convergence{suffix}.png"), series, "DiT steps (log scale)",
-                             f"gFD_judge (cfg {scale:g})", "DiT convergence per tokenizer", logx=True)
+                             f"gFD_judge (cfg {scale:g}, log scale)", "DiT convergence per tokenizer", logx=True,
+                             logy=True, xticks=sorted({at for pts in series.values() for at, _ in pts}))
             md.append(f"![DiT convergence, guidance {scale:g}]({os.path.basename(name)})")
-        if grids_side_by_side(os.path.join(out, "samples.png"), units):
+        samples = os.path.join(out, "samples.png")  # kept as it is where the grids were not copied with the study
+        if grids_side_by_side(samples, units) or os.path.isfile(samples):
             md.append("![samples](samples.png)")
     md += ["", "## Recipe", "", "Each unit's commit and full config are in results.json; against `PRESETS[\"tiny\"]()` "
            f"of {git_commit()[:12]} (leaving out {', '.join(UNIT_PATH_KEYS)}):", ""]

@@ -31,6 +31,17 @@ def test_line_plot_draws_every_series(tmp_path):
     assert img.size == (640, 420)
     colors = {c for _, c in img.getcolors(maxcolors=1 << 20)}
     assert ablation.COLORS["AE"] in colors and ablation.COLORS["CLIP+SSL+AE"] in colors
+    ablation.line_plot(path, {"AE": [(500, 4700.0), (4000, 517.0)]}, "x", "y", "t", logx=True, logy=True,
+                       xticks=[500, 4000])  # log on both axes: values spanning a decade
+
+
+def test_ticks_are_round_values_inside_the_axis():
+    assert ablation.nice_ticks(0.0, 10.0) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert ablation.nice_ticks(474.0, 521.0) == [480, 490, 500, 510, 520]
+    assert ablation.nice_ticks(380.0, 7000.0, log=True) == [500, 1000, 2000, 5000]
+    assert ablation.nice_ticks(1.5e12, 2e14, log=True) == [2e12, 5e12, 1e13, 2e13, 5e13, 1e14, 2e14]
+    assert ablation.nice_ticks(420.0, 580.0, log=True) == list(range(420, 581, 20))  # a short axis
+    assert [ablation.tick_label(v) for v in (500, 2.5, 2e13)] == ["500", "2.5", "2e13"]
 
 
 def test_reach_step_interpolates_in_log_steps():
@@ -70,6 +81,7 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["commit"] == ablation.git_commit() and len(saved["commit"]) >= 40
+    assert all(r["commit"] == saved["commit"] for r in saved["rows"])  # the DiT seed's row names its tokenizer's too
     saved = saved["rows"][:len(units)]
     assert [r["name"] for r in saved] == list(ablation.VARIANTS)
     # each unit's full config: the tiny preset apart from its folder, steps, --quick's flags and its variant's λs
@@ -98,6 +110,13 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["units_s"] == pytest.approx(sum(r["seconds"] for r in saved["rows"]))
+    # --report redraws results.md and the plots from results.json alone, running nothing and keeping results.json
+    md, js = open(os.path.join(out, "results.md")).read(), open(os.path.join(out, "results.json")).read()
+    os.remove(os.path.join(out, "results.md"))
+    os.remove(os.path.join(out, "convergence.png"))
+    ablation.main(["--report", f"--out={out}"])
+    assert open(os.path.join(out, "results.md")).read() == md and os.path.isfile(os.path.join(out, "convergence.png"))
+    assert open(os.path.join(out, "results.json")).read() == js and open(log).read().count("\n$ ") == n_runs + 1
 
 
 def test_unknown_flag_fails_before_running(tmp_path):
@@ -115,3 +134,24 @@ def test_a_failing_stage_stops_the_study_with_its_own_error(tmp_path):
     text = open(log).read()
     assert "$ python evaluate.py probe" in text and "error: FileNotFoundError" in text and "no_such_run" in text
     assert sys.stdout is stdout and sys.stderr is stderr  # the redirection ends with the stage
+
+
+@pytest.mark.parametrize("study", ["ablation"])
+def test_committed_studies_record_the_recipe_of_every_unit(study):
+    """The studies shipped in scripts/results/ say which commit and config produced each row, so a reader can diff a
+    row's recipe against today's default (`differences_from_tiny`) instead of trusting a sentence."""
+    import re
+
+    from model import Config
+
+    with open(os.path.join(ROOT, "scripts", "results", study, "results.json")) as f:
+        saved = json.load(f)
+    assert re.fullmatch(r"[0-9a-f]{40}", saved["commit"])
+    variants = ablation.SCALING_VARIANTS if study == "scaling" else ablation.VARIANTS
+    assert {r["name"] for r in saved["rows"]} == set(variants)
+    for r in saved["rows"]:
+        assert re.fullmatch(r"[0-9a-f]{40}", r["commit"]), r["name"]
+        cfg = Config.from_dict(r["config"])  # a full config: every section, rebuilt without error
+        assert set(r["config"]) >= {"encoder", "loss", "data", "optim", "train", "dit"}, r["name"]
+        assert cfg.train.max_steps == r["steps"], r["name"]
+        assert isinstance(ablation.differences_from_tiny(r["config"]), dict)
