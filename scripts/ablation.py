@@ -458,7 +458,8 @@ def report_only(out):
         saved = json.load(f)
     rows = [{**r, "grid": r["grid"] and os.path.join(out, r["grid"])} for r in saved["rows"]]
     opts = {**OPTIONS, **saved["options"]}
-    argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in opts.items() if v != OPTIONS[k]] + saved["flags"]
+    argv = saved.get("argv") or [f"--{k}" if v is True else f"--{k}={v}" for k, v in opts.items()
+                                 if v != OPTIONS[k]] + saved["flags"]  # studies written before "argv" was saved
     write_report(out, rows, opts, argv)
     return rows
 
@@ -469,7 +470,8 @@ def write_results(out, rows, opts, argv, flags, t0):
     portable = [{**r, "grid": r["grid"] and os.path.relpath(r["grid"], out)} for r in rows]  # movable with `out`
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"commit": git_commit(), "rows": portable, "wall_s": time.time() - t0,
-                   "units_s": sum(r["seconds"] or 0 for r in rows), "options": opts, "flags": flags}, f, indent=2)
+                   "units_s": sum(r["seconds"] or 0 for r in rows), "options": opts, "flags": flags, "argv": argv}, f,
+                  indent=2)
     write_report(out, rows, opts, argv)
 
 
