@@ -136,7 +136,7 @@ def test_a_failing_stage_stops_the_study_with_its_own_error(tmp_path):
     assert sys.stdout is stdout and sys.stderr is stderr  # the redirection ends with the stage
 
 
-@pytest.mark.parametrize("study", ["ablation"])
+@pytest.mark.parametrize("study", ["ablation", "scaling"])
 def test_committed_studies_record_the_recipe_of_every_unit(study):
     """The studies shipped in scripts/results/ say which commit and config produced each row, so a reader can diff a
     row's recipe against today's default (`differences_from_tiny`) instead of trusting a sentence."""
