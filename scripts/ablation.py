@@ -458,9 +458,7 @@ def report_only(out):
         saved = json.load(f)
     rows = [{**r, "grid": r["grid"] and os.path.join(out, r["grid"])} for r in saved["rows"]]
     opts = {**OPTIONS, **saved["options"]}
-    argv = saved.get("argv") or [f"--{k}" if v is True else f"--{k}={v}" for k, v in opts.items()
-                                 if v != OPTIONS[k]] + saved["flags"]  # studies written before "argv" was saved
-    write_report(out, rows, opts, argv)
+    write_report(out, rows, opts, saved["argv"])
     return rows
 
 
