@@ -488,7 +488,8 @@ def train_stage1(cfg: Config, rank, world_size, device):
     while step < tc.max_steps:
         # (a) this step's randomness and schedules. Stochastic depth draws from a generator seeded by (seed, rank,
         # step) (micro-step j of k: step*k + j), so a resumed run draws exactly what an uninterrupted one would; the
-        # data stream is a function of its position. lr: warm-up then cosine (per group: the text tower's lr_mult); teacher temperature: warm-up.
+        # data stream is a function of its position. lr: warm-up then cosine (per group: the text tower's lr_mult);
+        # teacher temperature: warm-up.
         lr, temp = lr_at(step, cfg, lr_peak), teacher_temp_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
